@@ -1,0 +1,3 @@
+from .vision_transformer import DinoVisionTransformer
+
+__all__ = ["DinoVisionTransformer"]

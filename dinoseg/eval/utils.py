@@ -1,0 +1,72 @@
+"""Frozen-backbone feature extraction shared by every evaluation task."""
+
+import contextlib
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class BackboneLayersSet(Enum):
+    LAST = "LAST"
+    FOUR_LAST = "FOUR_LAST"
+    FOUR_EVEN_INTERVALS = "FOUR_EVEN_INTERVALS"
+
+
+def get_backbone_out_indices(n_blocks: int, layers: BackboneLayersSet | str) -> list[int]:
+    """Block indices for a layer set, with the official rule (depth 24 -> [4, 11, 17, 23])."""
+    layers = BackboneLayersSet(layers) if isinstance(layers, str) else layers
+    if layers == BackboneLayersSet.LAST:
+        return [n_blocks - 1]
+    if n_blocks < 4:
+        raise ValueError(f"{layers.value} needs a backbone with at least 4 blocks, this one has {n_blocks}")
+    if layers == BackboneLayersSet.FOUR_LAST:
+        return list(range(n_blocks - 4, n_blocks))
+    if n_blocks == 24:  # the official ViT-L choice, kept for checkpoint compatibility
+        return [4, 11, 17, 23]
+    return [i * (n_blocks // 4) - 1 for i in range(1, 5)]
+
+
+class ModelWithIntermediateLayers(nn.Module):
+    """Runs a frozen backbone and returns the outputs of the chosen blocks.
+
+    `n` is a number of last blocks or a list of block indices (as `get_intermediate_layers`). The backbone
+    is frozen and kept in eval mode, and its forward runs under `no_grad` so no autograd graph is built for
+    it; unlike `inference_mode`, the outputs are ordinary tensors that a trainable head can consume.
+    """
+
+    def __init__(
+        self,
+        feature_model: nn.Module,
+        n: int | list[int],
+        autocast_ctx=contextlib.nullcontext,
+        reshape: bool = True,
+        return_class_token: bool = False,
+    ):
+        super().__init__()
+        self.feature_model = feature_model
+        self.feature_model.requires_grad_(False)
+        self.feature_model.eval()
+        self.n = n
+        self.autocast_ctx = autocast_ctx
+        self.reshape = reshape
+        self.return_class_token = return_class_token
+
+    @property
+    def embed_dim(self) -> int:
+        return self.feature_model.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.feature_model.patch_size
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.feature_model.eval()  # never leave eval mode (RoPE coordinate augmentation is pre-training only)
+        return self
+
+    def forward(self, images: torch.Tensor):
+        with torch.no_grad(), self.autocast_ctx():
+            return self.feature_model.get_intermediate_layers(
+                images, n=self.n, reshape=self.reshape, return_class_token=self.return_class_token
+            )
