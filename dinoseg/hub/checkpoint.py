@@ -1,0 +1,232 @@
+"""The one place that reads checkpoint files and converts foreign key layouts (Hugging Face) to ours."""
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import torch
+from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, unreadable, wrong hash or wrong keys/shapes."""
+
+
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.(?:pth|pt|safetensors)$")
+
+
+def resolve_weights_path(weights: str | os.PathLike, check_hash: bool = False) -> Path:
+    """A local path or `file://` URL -> an existing local path; `https://` URLs are downloaded (only then)."""
+    text = str(weights)
+    scheme = urlparse(text).scheme
+    if scheme in ("http", "https"):
+        # The only network access in dinoseg, and only because the user passed a URL.
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / os.path.basename(urlparse(text).path)
+        if not path.exists():
+            torch.hub.download_url_to_file(text, str(path), progress=True)
+    elif scheme == "file":
+        path = Path(url2pathname(urlparse(text).path))
+    elif scheme in ("", "c", "d") or len(scheme) == 1:  # plain paths (incl. Windows drive letters)
+        path = Path(text).expanduser()
+    else:
+        raise CheckpointError(f"{text}: unsupported URL scheme {scheme!r} (use a path, file:// or https://)")
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if check_hash:
+        verify_hash_in_name(path)
+    return path
+
+
+def verify_hash_in_name(path: Path) -> None:
+    """Official file names end in `-<sha256 prefix>.pth`; compare that prefix with the file's digest."""
+    match = _HASH_IN_NAME.search(path.name)
+    if match is None:
+        raise CheckpointError(f"{path}: check_hash=True but the file name carries no '-<sha256 prefix>.pth' hash")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise CheckpointError(
+            f"{path}: sha256 {digest.hexdigest()[:len(match.group(1))]}... does not match the hash "
+            f"{match.group(1)} in its name (corrupt or truncated download?)"
+        )
+
+
+def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> dict[str, torch.Tensor]:
+    """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file, or a Hugging Face model directory."""
+    path = resolve_weights_path(path, check_hash=check_hash)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise CheckpointError(f"{path}: directory holds no *.safetensors or pytorch_model*.bin file")
+        state_dict = {}
+        for f in files:
+            state_dict.update(load_state_dict_file(f))
+        return state_dict
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the file's fault
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True), it holds more than tensors ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # some trainers wrap the weights
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def describe_mismatch(module: nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """'' when `state_dict` fits `module` exactly, else a summary of missing/unexpected/mis-shaped keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
+    parts = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str = "state dict", assign: bool = False):
+    """`load_state_dict(strict=True)` with one readable error naming the source and the keys at fault."""
+    problem = describe_mismatch(module, state_dict)
+    if problem:
+        raise CheckpointError(f"{source}: does not fit {type(module).__name__}: {problem}")
+    module.load_state_dict(state_dict, strict=True, assign=assign)
+    return module
+
+
+# -- Hugging Face transformers layout (DINOv3ViTModel) ------------------------------------------------------------
+
+def is_hf_dinov3_state_dict(state_dict: dict) -> bool:
+    return any(k.startswith("embeddings.patch_embeddings") for k in state_dict)
+
+
+def hf_config_to_official_kwargs(config: dict) -> dict:
+    """Map a `DINOv3ViTConfig` (config.json) to `DinoVisionTransformer` keywords."""
+    hidden = config["hidden_size"]
+    inter = config["intermediate_size"]
+    if config.get("use_gated_mlp", False):
+        ffn_layer, ffn_ratio = _gated_ffn_settings(hidden, inter)
+    else:
+        ffn_layer, ffn_ratio = "mlp", inter / hidden
+    eps = config.get("layer_norm_eps", 1e-5)
+    has_qv_bias = config.get("query_bias", True) or config.get("value_bias", True)
+    return dict(
+        patch_size=config.get("patch_size", 16),
+        in_chans=config.get("num_channels", 3),
+        pos_embed_rope_base=config.get("rope_theta", 100.0),
+        pos_embed_rope_normalize_coords="separate",
+        pos_embed_rope_shift_coords=config.get("pos_embed_shift"),
+        pos_embed_rope_jitter_coords=config.get("pos_embed_jitter"),
+        pos_embed_rope_rescale_coords=config.get("pos_embed_rescale"),
+        pos_embed_rope_dtype="fp32",
+        embed_dim=hidden,
+        depth=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        ffn_ratio=ffn_ratio,
+        qkv_bias=bool(has_qv_bias),
+        layerscale_init=config.get("layerscale_value", 1.0),
+        norm_layer="layernormbf16" if abs(eps - 1e-5) < 1e-9 else "layernorm",
+        ffn_layer=ffn_layer,
+        ffn_bias=config.get("mlp_bias", True),
+        proj_bias=config.get("proj_bias", True),
+        n_storage_tokens=config.get("num_register_tokens", 0),
+        mask_k_bias=bool(has_qv_bias),
+    )
+
+
+def _gated_ffn_settings(hidden: int, inter: int) -> tuple[str, float]:
+    from ..layers.ffn_layers import SwiGLUFFN
+
+    for layer, align in (("swiglu", 8), ("swiglu64", 64), ("swiglu32", 32), ("swiglu128", 128)):
+        for ratio in (6.0, 3.0, 4.0, 8 / 3):
+            d = int(int(hidden * ratio) * 2 / 3)
+            if d + (-d % align) == inter:
+                return layer, ratio
+    ratio = inter * 3 / (2 * hidden)
+    if SwiGLUFFN(hidden, int(hidden * ratio), align_to=1, device="meta").w1.out_features == inter:
+        return "swiglu1", ratio
+    raise CheckpointError(f"cannot express a gated MLP of size {inter} on width {hidden} as a DINOv3 SwiGLU")
+
+
+def convert_hf_dinov3_state_dict(sd: dict[str, torch.Tensor], periods: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`DINOv3ViTModel` keys -> official keys. `periods` (the RoPE buffer HF does not store) comes from the model."""
+    sd = {re.sub(r"^(dinov3\.|model\.(?=layer\.))", "", k): v for k, v in sd.items()}
+    out = {
+        "cls_token": sd.pop("embeddings.cls_token"),
+        "mask_token": sd.pop("embeddings.mask_token").reshape(1, -1),
+        "patch_embed.proj.weight": sd.pop("embeddings.patch_embeddings.weight"),
+        "patch_embed.proj.bias": sd.pop("embeddings.patch_embeddings.bias"),
+        "rope_embed.periods": periods.clone(),
+        "norm.weight": sd.pop("norm.weight"),
+        "norm.bias": sd.pop("norm.bias"),
+    }
+    if "embeddings.register_tokens" in sd:
+        tokens = sd.pop("embeddings.register_tokens")
+        if tokens.shape[1]:
+            out["storage_tokens"] = tokens
+    layer_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layer\.(\d+)\.", k))})
+    ffn_names = {"up_proj": "fc1", "down_proj": "fc2"}
+    gated_names = {"gate_proj": "w1", "up_proj": "w2", "down_proj": "w3"}
+    for i in layer_ids:
+        src, dst = f"layer.{i}.", f"blocks.{i}."
+        for n in ("norm1", "norm2"):
+            for p in ("weight", "bias"):
+                out[f"{dst}{n}.{p}"] = sd.pop(f"{src}{n}.{p}")
+        q, k, v = (sd.pop(f"{src}attention.{n}_proj.weight") for n in "qkv")
+        out[f"{dst}attn.qkv.weight"] = torch.cat([q, k, v])
+        biases = [sd.pop(f"{src}attention.{n}_proj.bias", None) for n in "qkv"]
+        if any(b is not None for b in biases):
+            dim = q.shape[0]
+            filled = [b if b is not None else torch.zeros(dim, dtype=q.dtype) for b in biases]
+            out[f"{dst}attn.qkv.bias"] = torch.cat(filled)
+            out[f"{dst}attn.qkv.bias_mask"] = torch.cat(
+                [torch.ones(dim) if b is not None else torch.zeros(dim) for b in biases]
+            )
+        out[f"{dst}attn.proj.weight"] = sd.pop(f"{src}attention.o_proj.weight")
+        if f"{src}attention.o_proj.bias" in sd:
+            out[f"{dst}attn.proj.bias"] = sd.pop(f"{src}attention.o_proj.bias")
+        out[f"{dst}ls1.gamma"] = sd.pop(f"{src}layer_scale1.lambda1")
+        out[f"{dst}ls2.gamma"] = sd.pop(f"{src}layer_scale2.lambda1")
+        names = gated_names if f"{src}mlp.gate_proj.weight" in sd else ffn_names
+        for hf, ours in names.items():
+            for p in ("weight", "bias"):
+                if f"{src}mlp.{hf}.{p}" in sd:
+                    out[f"{dst}mlp.{ours}.{p}"] = sd.pop(f"{src}mlp.{hf}.{p}")
+    # Anything left is a key we do not understand: let the strict load report it.
+    out.update(sd)
+    return out
+
+
+def read_hf_config(path: Path) -> dict | None:
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.exists():
+        return None
+    with open(cfg) as f:
+        return json.load(f)

@@ -1,0 +1,24 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def official_index() -> dict:
+    return json.loads((FIXTURES / "index.json").read_text())
+
+
+def load_fixture(name: str) -> dict:
+    return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
