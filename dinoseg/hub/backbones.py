@@ -175,3 +175,16 @@ dinov3_vitl16 = _hub_function("dinov3_vitl16")
 dinov3_vitl16plus = _hub_function("dinov3_vitl16plus")
 dinov3_vith16plus = _hub_function("dinov3_vith16plus")
 dinov3_vit7b16 = _hub_function("dinov3_vit7b16")
+
+
+def load_hf_backbone(path: str | os.PathLike, device: torch.device | str | None = None) -> DinoVisionTransformer:
+    """Build a backbone from a Hugging Face `DINOv3ViTModel` directory (config.json + safetensors)."""
+    from .checkpoint import hf_config_to_official_kwargs, read_hf_config
+
+    path = Path(path).expanduser()
+    config = read_hf_config(path)
+    if config is None:
+        raise CheckpointError(f"{path}: no config.json next to the Hugging Face checkpoint")
+    model = DinoVisionTransformer(**hf_config_to_official_kwargs(config), device="meta")
+    load_backbone_weights(model, str(path))
+    return model.to(device) if device is not None else model

@@ -81,10 +81,12 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused by torch.load(weights_only=True), it holds more than tensors ({first})"
-        ) from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused by torch.load(weights_only=True): it pickles {found.group(1)}, not just tensors"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -131,7 +133,12 @@ def hf_config_to_official_kwargs(config: dict) -> dict:
     """Map a `DINOv3ViTConfig` (config.json) to `DinoVisionTransformer` keywords."""
     hidden = config["hidden_size"]
     inter = config["intermediate_size"]
-    if config.get("use_gated_mlp", False):
+    gated = config.get("use_gated_mlp", False)
+    act = config.get("hidden_act", "gelu")
+    if act != ("silu" if gated else "gelu"):
+        # DINOv3's MLP is GELU and its SwiGLU is SiLU-gated; any other activation is another model.
+        raise CheckpointError(f"config.json: hidden_act={act!r} with use_gated_mlp={gated} is not a DINOv3 layout")
+    if gated:
         ffn_layer, ffn_ratio = _gated_ffn_settings(hidden, inter)
     else:
         ffn_layer, ffn_ratio = "mlp", inter / hidden
