@@ -1,0 +1,80 @@
+"""Evaluation: sharded over processes without duplicates, metric sums all-reduced, results written by rank 0."""
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from ... import distributed
+from ...data.loaders import make_data_loader
+from .inference import make_tta_inference
+from .metrics import SegmentationMetrics
+from .setup import inference_kwargs
+
+logger = logging.getLogger("dinoseg")
+
+RESULTS_FILENAME = "results-semantic-segmentation.csv"
+METRICS_FILENAME = "results-semantic-segmentation.json"
+
+
+def make_val_loader(dataset, cfg: DictConfig) -> torch.utils.data.DataLoader:
+    """Batch size 1 (images keep their own sizes, labels their original resolution), sharded over ranks
+    without padding, so every sample is counted exactly once."""
+    if cfg.eval.max_val_samples is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), cfg.eval.max_val_samples)))
+    return make_data_loader(dataset, batch_size=1, num_workers=min(cfg.train.num_workers, 2), shuffle=False,
+                            seed=cfg.seed, pad_shards=False)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@torch.no_grad()
+def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int, device: torch.device,
+                                class_names=None, save_dir: Path | None = None, progress: bool = True) -> dict:
+    """Dataset metrics (identical on every rank) of `model` on `loader`'s shard, all-reduced over ranks."""
+    was_training = model.training
+    model.eval()
+    kwargs = inference_kwargs(cfg)
+    patch = getattr(model, "patch_size", 16)
+    metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=255, class_names=class_names, device=device)
+    show = progress and distributed.is_main_process()
+    for index, (image, label) in zip(loader.sampler, tqdm(loader, desc="eval", disable=not show, leave=False)):
+        image = image.to(device)
+        label = label[0].to(device)
+        if kwargs["inference_mode"] == "whole":
+            # Whole-image mode runs at the eval resize, rounded up to the patch grid.
+            kwargs["crop_size"] = (_round_up(image.shape[-2], patch), _round_up(image.shape[-1], patch))
+        probs = make_tta_inference(image, model, rescale_to=tuple(label.shape[-2:]), **kwargs)
+        pred = probs.argmax(dim=1)[0]
+        metrics.update(pred, label)
+        if save_dir is not None:
+            name = _sample_name(loader.dataset, index)
+            Image.fromarray(pred.to(torch.uint8).cpu().numpy()).save(save_dir / f"{Path(name).stem}.png")
+    metrics.all_reduce()
+    model.train(was_training)
+    return metrics.compute()
+
+
+def _sample_name(dataset, index: int) -> str:
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    return dataset.sample_name(index) if hasattr(dataset, "sample_name") else f"{index:06d}"
+
+
+def write_results(results: dict, output_dir: Path) -> None:
+    """The official one-row CSV of dataset metrics, plus a JSON with every metric and the per-class table."""
+    scalars = {k: float(v) for k, v in results.items() if isinstance(v, (int, float, np.floating))}
+    with open(output_dir / RESULTS_FILENAME, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(scalars))
+        writer.writerow([f"{v:.6f}" for v in scalars.values()])
+    with open(output_dir / METRICS_FILENAME, "w") as f:
+        json.dump(results, f, indent=2, default=float)
