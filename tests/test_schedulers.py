@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinoseg.eval.segmentation.config import SchedulerConfig, SchedulerType
+from dinoseg.eval.segmentation.schedulers import build_scheduler, lr_factor
+
+
+def _official_one_cycle(step, max_lr, total, warmup, ratio, final_div=float("inf"), div=25.0):
+    # The official WarmupOneCycleLR (pct_start=0, cosine) written out independently for comparison.
+    if step < warmup:
+        k = (1 - step / warmup) * (1 - ratio)
+        return max_lr * (1 - k) * (1 - step / total)
+    min_lr = max_lr / div / final_div
+    pct = (step + 1) / total
+    return min_lr + (max_lr - min_lr) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+def _run(cfg, steps, lr=1e-3):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=lr)
+    sched = build_scheduler(opt, OmegaConf.structured(cfg))
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])  # the lr this iteration trains with
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_one_cycle_matches_official_formula_from_step_zero():
+    cfg = SchedulerConfig(total_iter=100, warmup_iters=10, warmup_ratio=1e-6)
+    lrs = _run(cfg, 100)
+    expected = [_official_one_cycle(k, 1e-3, 100, 10, 1e-6) for k in range(100)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert lrs[0] == pytest.approx(1e-3 * 1e-6)  # warmup applies to the very first step
+    assert lrs[10] == pytest.approx(max(lrs)) and lrs[-1] < 1e-6
+
+
+def test_poly_and_constant_with_warmup():
+    poly = SchedulerConfig(type=SchedulerType.POLY, total_iter=50, warmup_iters=5, warmup_ratio=0.1, poly_power=0.9)
+    lrs = _run(poly, 50)
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[5] == pytest.approx(1e-3 * (1 - 5 / 50) ** 0.9)
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    const = SchedulerConfig(type=SchedulerType.CONSTANT, total_iter=20, warmup_iters=4, warmup_ratio=0.0)
+    lrs = _run(const, 20)
+    assert lrs[:5] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3]) and set(lrs[4:]) == {1e-3}
+
+
+def test_poly_min_lr_floor():
+    cfg = OmegaConf.structured(SchedulerConfig(type=SchedulerType.POLY, total_iter=10, warmup_iters=0, min_lr=1e-5))
+    assert lr_factor(10, cfg, base_lr=1e-3) == pytest.approx(1e-2)
+
+
+def test_schedule_resumes_exactly():
+    cfg = OmegaConf.structured(SchedulerConfig(total_iter=30, warmup_iters=5))
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = build_scheduler(opt, cfg)
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    sched2 = build_scheduler(opt2, cfg)
+    sched2.load_state_dict(state)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
