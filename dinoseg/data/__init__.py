@@ -1,0 +1,154 @@
+"""Segmentation data: datasets, dataset selection from a config or string, loaders, data checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .datasets import (
+    ADE20K,
+    IGNORE_INDEX,
+    Cityscapes,
+    ImageMaskFolder,
+    PascalVOC,
+    SegmentationDataset,
+    SyntheticShapes,
+)
+from .io import DatasetError, load_image, load_mask
+from .loaders import InfiniteDataloader, UnpaddedDistributedSampler, make_data_loader, worker_init_fn
+
+# Type names accepted in configs (case-insensitive); the official code spells ADE20K as here.
+DATASETS: dict[str, type] = {
+    "ade20k": ADE20K,
+    "cityscapes": Cityscapes,
+    "voc": PascalVOC,
+    "pascalvoc": PascalVOC,
+    "voc2012": PascalVOC,
+    "folder": ImageMaskFolder,
+    "imagemaskfolder": ImageMaskFolder,
+    "synthetic": SyntheticShapes,
+    "syntheticshapes": SyntheticShapes,
+}
+# Official split names (``ADE20K:split=TRAIN``) -> ours.
+_OFFICIAL_SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
+
+
+@dataclass
+class DatasetSpec:
+    """What ``make_dataset`` accepts besides strings: a type name, its root and split, and constructor options."""
+
+    type: str = "synthetic"
+    root: str | None = None
+    split: str | None = "train"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes"):
+        return True
+    if low in ("false", "no"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_dataset_str(text: str) -> dict[str, Any]:
+    """``"ADE20K:split=TRAIN:root=/data/ade"`` -> ``{"type": "ADE20K", "split": "TRAIN", "root": "/data/ade"}``.
+    Other ``key=value`` tokens become constructor options (numbers and booleans parsed); a token without
+    ``=`` continues the previous value, so a root may contain ``:``."""
+    name, *tokens = str(text).split(":")
+    if not name.strip():
+        raise DatasetError(f"dataset string {text!r} does not start with a dataset type")
+    spec: dict[str, Any] = {"type": name.strip()}
+    last = None
+    for token in tokens:
+        if "=" in token:
+            key, value = token.split("=", 1)
+            key = key.strip()
+            if not key:
+                raise DatasetError(f"dataset string {text!r}: empty key in {token!r}")
+            spec[key] = value
+            last = key
+        elif last is not None:
+            spec[last] += ":" + token
+        else:
+            raise DatasetError(f"dataset string {text!r}: token {token!r} is not key=value")
+    return {k: (v if k in ("type", "root", "split") else _parse_value(v)) for k, v in spec.items()}
+
+
+def _spec_to_dict(config) -> dict[str, Any]:
+    if isinstance(config, str):
+        return parse_dataset_str(config)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            config = OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise DatasetError(f"dataset config must be a string, mapping or dataclass, got {type(config).__name__}")
+    spec = dict(config)
+    options = spec.pop("options", None) or {}
+    if not isinstance(options, Mapping):
+        raise DatasetError(f"dataset config: 'options' must be a mapping, got {type(options).__name__}")
+    spec.update(options)
+    if "type" not in spec:
+        raise DatasetError(f"dataset config has no 'type' (one of {sorted(set(DATASETS))}): {dict(config)}")
+    return spec
+
+
+def make_dataset(config_or_string, transforms: Callable | None = None, **overrides) -> SegmentationDataset:
+    """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"``, a dict / DictConfig / ``DatasetSpec``
+    (``type``, ``root``, ``split`` and constructor options, flat or under ``options``). ``overrides`` (e.g.
+    ``root=...``, ``strict=False``) win over the config. Official split names TRAIN / VAL are accepted."""
+    spec = _spec_to_dict(config_or_string)
+    spec.update(overrides)
+    type_name = str(spec.pop("type"))
+    cls = DATASETS.get(type_name.strip().lower().replace("_", "").replace("-", ""))
+    if cls is None:
+        raise DatasetError(f"unknown dataset type {type_name!r}; expected one of {sorted(set(DATASETS))}")
+    split = spec.get("split")
+    if isinstance(split, str):
+        spec["split"] = _OFFICIAL_SPLITS.get(split.strip(), split.strip())
+    spec = {k: v for k, v in spec.items() if not (k in ("root", "split") and v is None)}
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "transforms")]
+    for key in spec:
+        if key not in allowed:
+            raise DatasetError(f"unknown option {key!r} for dataset {cls.__name__}; expected one of {allowed}")
+    return cls(transforms=transforms, **spec)
+
+
+__all__ = [
+    "ADE20K",
+    "DATASETS",
+    "IGNORE_INDEX",
+    "Cityscapes",
+    "DatasetError",
+    "DatasetSpec",
+    "ImageMaskFolder",
+    "InfiniteDataloader",
+    "PascalVOC",
+    "SegmentationDataset",
+    "SyntheticShapes",
+    "UnpaddedDistributedSampler",
+    "load_image",
+    "load_mask",
+    "make_data_loader",
+    "make_dataset",
+    "parse_dataset_str",
+    "worker_init_fn",
+]  # fmt: skip
