@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
-from dinoseg.eval.segmentation.models.heads.mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
+from dinoseg.eval.segmentation.models.heads.mask2former_transformer_decoder import (
+    MultiScaleMaskedTransformerDecoder,
+)
 from dinoseg.eval.segmentation.models.utils.ms_deform_attn import MSDeformAttn
 from dinoseg.hub import ARCHS, CheckpointError
 from dinoseg.hub.segmentors import LINEAR_SEGMENTORS, dinov3_vit7b16_ms, dinov3_vits16_ade20k_linear

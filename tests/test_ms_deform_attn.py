@@ -13,7 +13,7 @@ IMPLS = ["grid_sample", "gather"]
 def naive_ms_deform_attn(value, shapes, locations, weights):
     """One bilinear sample at a time, zero outside the map, pixel centres at (i + 0.5) / size."""
     N, _, M, D = value.shape
-    _, Lq, _, L, P, _ = locations.shape
+    _, Lq, _, _, P, _ = locations.shape
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)

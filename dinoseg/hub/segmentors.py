@@ -72,7 +72,7 @@ def load_segmentor_head(
     stray = [k for k in state_dict if k.startswith(prefix)]
     if stray:
         raise CheckpointError(
-            f"{location}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}, ...); pass the "
+            f"{location}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}); pass the "
             f"backbone separately as backbone_weights"
         )
     full = {k: v for k, v in segmentor.state_dict().items() if k.startswith(prefix)}

@@ -1,6 +1,6 @@
 """Builds the ViT-Adapter + Mask2Former pair used by ``build_segmentation_decoder(decoder_type="m2f")``."""
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

@@ -15,18 +15,19 @@ Differences from the official code, none of which changes the outputs on inputs 
 """
 
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as checkpoint
 from torch import nn
+from torch.utils import checkpoint
 
 from ..utils.ms_deform_attn import MSDeformAttn
 
 # The SPM strides of the token levels the extractors query (c2, c3, c4).
 QUERY_STRIDES = (8, 16, 32)
+TOKEN_NORM = partial(nn.LayerNorm, eps=1e-6)  # norm of the extractors' queries, features and FFN input
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -112,7 +113,7 @@ class Extractor(nn.Module):
         cffn_ratio: float = 0.25,
         drop: float = 0.0,
         drop_path: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = TOKEN_NORM,
         with_cp: bool = False,
     ):
         super().__init__()
@@ -153,7 +154,7 @@ class InteractionBlock(nn.Module):
         dim: int,
         num_heads: int = 6,
         n_points: int = 4,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = TOKEN_NORM,
         drop: float = 0.0,
         drop_path: float = 0.0,
         with_cffn: bool = True,

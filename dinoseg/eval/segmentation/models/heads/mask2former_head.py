@@ -1,6 +1,6 @@
 """Mask2Former segmentation head (pixel decoder + masked transformer decoder), official key names."""
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

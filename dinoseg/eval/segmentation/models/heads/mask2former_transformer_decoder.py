@@ -7,6 +7,8 @@ sigmoid >= 0.5; a query whose mask is empty everywhere attends to the whole leve
 returned (the last as the output, the others as auxiliary outputs for deep supervision).
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,7 +91,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):

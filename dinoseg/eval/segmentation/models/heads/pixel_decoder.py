@@ -6,7 +6,7 @@ GroupNorm and the deformable encoder; level "1" is merged FPN-style (lateral 1x1
 stride-8 output, then a 3x3 conv) to give the stride-4 mask features.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,7 @@ sampling at fractional positions loses too much in half precision.
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _core_grid_sample(value, shapes, sampling_locations, attention_weights):
     N, _, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    _, Lq, _, _, P, _ = sampling_locations.shape
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     out = None
     for lvl, v in enumerate(value.split([h * w for h, w in shapes], dim=1)):
@@ -82,7 +82,7 @@ def _core_grid_sample(value, shapes, sampling_locations, attention_weights):
 
 
 def _core_gather(value, shapes, sampling_locations, attention_weights):
-    N, S, M, D = value.shape
+    N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     device, dtype = value.device, value.dtype
     # Table rows (n, m, level, y, x) with a one-pixel zero border around every level: a corner that falls
