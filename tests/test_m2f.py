@@ -77,6 +77,17 @@ def test_full_size_official_m2f_parity(official_index):
     assert_parity(loaded(official_index, FULL, fixture), fixture)
 
 
+def test_batched_images_do_not_mix(official_index, small):
+    # Per-image masked attention (the batch-major head layout of the masks) and shared reference points.
+    model = loaded(official_index, SMALL, small, impl="gather")
+    x = torch.cat([small["x"], torch.randn(1, 3, 64, 96)])
+    batched = model.predict(x, rescale_to=(64, 96))
+    for i in range(2):
+        single = model.predict(x[i : i + 1], rescale_to=(64, 96))
+        torch.testing.assert_close(batched["pred_logits"][i : i + 1], single["pred_logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched["pred_masks"][i : i + 1], single["pred_masks"], atol=1e-5, rtol=1e-5)
+
+
 def test_odd_input_sizes_are_padded_and_cropped(official_index, small):
     model = loaded(official_index, SMALL, small)
     adapter = model.segmentation_model[0]
