@@ -1,0 +1,301 @@
+"""Whole-image, sliding-window and test-time-augmented inference for segmentors with a `predict` method.
+
+Same semantics as the official DINOv3 code (crop grid with the last crop aligned to the border, per-pixel
+averaging of overlapping crops, resize to `rescale_to`, un-flip, output activation, the TTA scale rule), but:
+- crops go through the model in batches of `crop_batch_size`, from any number of images per call;
+- every crop's scores are written / added into its window of a float32 accumulator that stays on the model's device
+  (no crop is padded to the full image, nothing goes through the host);
+- Mask2Former outputs are turned into class scores in float32 (the official slide path uses bfloat16);
+- the overlap count is float32 (the official int8 count overflows past 127 overlapping crops);
+- whole-image mode resizes to the configured size instead of a hard-coded 512 x 512;
+- a crop at least as large as the image in a dimension spans that dimension (the official code switches to
+  square crops of the short side when the image is smaller than the crop in both dimensions);
+- TTA resizes each scale on the fly instead of holding a list of pre-resized copies.
+"""
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "make_inference",
+    "make_tta_inference",
+    "mask_classification_to_semantic",
+    "slide_crop_boxes",
+    "slide_inference",
+    "tta_image_size",
+]
+
+
+def mask_classification_to_semantic(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """Per-class scores [B, C, H, W] from Mask2Former outputs (logits [B, Q, C+1], masks [B, Q, H, W]).
+
+    The last logit is the "no object" class and is dropped after the softmax. Computed in float32.
+    """
+    if pred_logits.ndim != 3 or pred_masks.ndim != 4 or pred_logits.shape[:2] != pred_masks.shape[:2]:
+        raise ValueError(
+            f"mask_classification_to_semantic: expected pred_logits [B, Q, C+1] and pred_masks [B, Q, H, W], "
+            f"got {tuple(pred_logits.shape)} and {tuple(pred_masks.shape)}"
+        )
+    class_probs = pred_logits.float().softmax(dim=-1)[..., :-1]
+    return torch.einsum("bqc,bqhw->bchw", class_probs, pred_masks.float().sigmoid())
+
+
+def _class_scores(output) -> torch.Tensor:
+    """Per-class scores from a head's `predict` output: logits as they are, or a Mask2Former dict."""
+    if isinstance(output, dict):
+        missing = {"pred_logits", "pred_masks"} - output.keys()
+        if missing:
+            raise KeyError(f"segmentor predict() returned a dict without {sorted(missing)}")
+        return mask_classification_to_semantic(output["pred_logits"], output["pred_masks"])
+    if not torch.is_tensor(output) or output.ndim != 4:
+        raise TypeError(f"segmentor predict() must return [B, C, H, W] scores or a Mask2Former dict, got {output!r:.80}")
+    return output
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair
+
+
+def _model_device(model: nn.Module, default: torch.device) -> torch.device:
+    param = next(model.parameters(), None)
+    return default if param is None else param.device
+
+
+def slide_crop_boxes(height: int, width: int, crop_size, stride) -> list[tuple[int, int, int, int]]:
+    """Windows `(y1, y2, x1, x2)` of the official crop grid, row-major; the last row / column ends at the border.
+
+    All windows have the same size `(min(h_crop, height), min(w_crop, width))`. A stride larger than the crop
+    would leave pixels uncovered, so it is an error.
+    """
+    h_crop, w_crop = _pair(crop_size, "crop_size")
+    h_stride, w_stride = _pair(stride, "stride")
+    if h_stride > h_crop or w_stride > w_crop:
+        raise ValueError(f"stride {(h_stride, w_stride)} is larger than crop_size {(h_crop, w_crop)}: pixels would be skipped")
+    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    boxes = []
+    for i in range(h_grids):
+        y2 = min(i * h_stride + h_crop, height)
+        y1 = max(y2 - h_crop, 0)
+        for j in range(w_grids):
+            x2 = min(j * w_stride + w_crop, width)
+            x1 = max(x2 - w_crop, 0)
+            boxes.append((y1, y2, x1, x2))
+    return boxes
+
+
+def _first_cover_plan(boxes):
+    """For row-major `slide_crop_boxes` windows: per window, the rectangle it is the first to cover and the
+    rectangles (at most two) that earlier windows already covered, each as `(y1, y2, x1, x2)`.
+
+    Earlier rows span the full width, so rows above `row_start` are seen; the previous window of the same row
+    covers columns left of `col_start`. The first-cover rectangles partition the image.
+    """
+    plan = []
+    row, row_start, prev_row_end, col_start = None, 0, 0, 0
+    for y1, y2, x1, x2 in boxes:
+        if (y1, y2) != row:
+            prev_row_end = row[1] if row is not None else 0
+            row, col_start = (y1, y2), 0
+        row_start = max(y1, prev_row_end)
+        new_x1 = max(x1, col_start)
+        seen = [r for r in ((y1, row_start, x1, x2), (row_start, y2, x1, new_x1)) if r[0] < r[1] and r[2] < r[3]]
+        plan.append(((row_start, y2, new_x1, x2), seen))
+        col_start = x2
+    return plan
+
+
+def slide_inference(
+    inputs: torch.Tensor,
+    segmentation_model: nn.Module,
+    crop_size=(512, 512),
+    stride=(341, 341),
+    crop_batch_size: int = 8,
+    n_output_channels: int | None = None,
+    num_max_forward: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sliding-window class scores [B, C, H, W] (float32, on the model's device) for images [B, 3, H, W].
+
+    Each pixel gets the mean of the scores of the crops covering it. The crops of all images are batched
+    `crop_batch_size` at a time.
+    - `n_output_channels` (C), when given, lets the accumulator be allocated before the first model call
+      (while the least memory is in use) instead of after it.
+    - `out`: a float32 [B, C, H, W] tensor on the model's device to write the result into (its content is
+      overwritten, not added to); reusing one across same-size images saves allocating and first-touching
+      a fresh accumulator each time, which dominates the overhead on CPU.
+    - `num_max_forward`: when larger than the number of model calls needed, extra calls on zero crops are made
+      up to it (ranks of a sharded model must call it equally often).
+    """
+    if inputs.ndim != 4:
+        raise ValueError(f"slide_inference: expected images [B, C, H, W], got shape {tuple(inputs.shape)}")
+    if crop_batch_size < 1:
+        raise ValueError(f"crop_batch_size must be >= 1, got {crop_batch_size}")
+    device = _model_device(segmentation_model, inputs.device)
+    inputs = inputs.to(device)
+    batch_size, _, height, width = inputs.shape
+    boxes = slide_crop_boxes(height, width, crop_size, stride)
+    crop_hw = (boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2])
+    plan = _first_cover_plan(boxes)
+
+    # Every pixel's weight is 1 / (number of crops covering it), so the accumulated sum is already the mean.
+    count = torch.zeros(height, width, device=device, dtype=torch.float32)
+    for y1, y2, x1, x2 in boxes:
+        count[y1:y2, x1:x2] += 1
+    weight = count.reciprocal_()
+
+    def accumulator(channels: int) -> torch.Tensor:
+        shape = (batch_size, channels, height, width)
+        if out is None:
+            # No zero fill: the first crop covering a pixel writes it (see `_first_cover_plan`).
+            return torch.empty(shape, device=device, dtype=torch.float32)
+        if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != device:
+            raise ValueError(
+                f"slide_inference: out must be float32 {list(shape)} on {device}, "
+                f"got {out.dtype} {list(out.shape)} on {out.device}"
+            )
+        return out
+
+    preds = accumulator(n_output_channels) if n_output_channels is not None else None
+    jobs = [(b, i) for b in range(batch_size) for i in range(len(boxes))]
+    n_calls = 0
+    for start in range(0, len(jobs), crop_batch_size):
+        chunk = jobs[start : start + crop_batch_size]
+        crops = torch.stack([inputs[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in ((b, boxes[i]) for b, i in chunk)])
+        scores = _class_scores(segmentation_model.predict(crops, rescale_to=crop_hw))
+        n_calls += 1
+        if preds is None:
+            preds = accumulator(scores.shape[1])
+        elif scores.shape[1] != preds.shape[1]:
+            raise ValueError(f"slide_inference: model returned {scores.shape[1]} channels, expected {preds.shape[1]}")
+        for score, (b, i) in zip(scores, chunk):
+            oy, ox = boxes[i][0], boxes[i][2]
+            (y1, y2, x1, x2), seen = plan[i]
+            torch.mul(score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2], out=preds[b, :, y1:y2, x1:x2])
+            for y1, y2, x1, x2 in seen:
+                preds[b, :, y1:y2, x1:x2].addcmul_(score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2])
+        del crops, scores
+    for _ in range(n_calls, num_max_forward):
+        dummy = inputs.new_zeros(min(crop_batch_size, len(jobs)), inputs.shape[1], *crop_hw)
+        segmentation_model.predict(dummy, rescale_to=crop_hw)
+    return preds
+
+
+def make_inference(
+    x: torch.Tensor,
+    segmentation_model: nn.Module,
+    inference_mode: str = "whole",
+    rescale_to=(512, 512),
+    crop_size=None,
+    stride=None,
+    apply_horizontal_flip: bool = False,
+    output_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    crop_batch_size: int = 8,
+    n_output_channels: int | None = None,
+    num_max_forward: int = 0,
+) -> torch.Tensor:
+    """Class scores [B, C, *rescale_to] for images x [B, 3, H, W].
+
+    "whole": one prediction on x resized to `crop_size` (x as it is when `crop_size` is None).
+    "slide": `slide_inference` with `crop_size` / `stride`, then a bilinear resize to `rescale_to`.
+    `apply_horizontal_flip` flips the prediction back (x is the flipped image); `output_activation` (e.g.
+    softmax over dim 1) is applied last.
+    """
+    rescale_to = _pair(rescale_to, "rescale_to")
+    if inference_mode == "slide":
+        if crop_size is None or stride is None:
+            raise ValueError("make_inference(inference_mode='slide') needs crop_size and stride")
+        pred = slide_inference(
+            x,
+            segmentation_model,
+            crop_size,
+            stride,
+            crop_batch_size=crop_batch_size,
+            n_output_channels=n_output_channels,
+            num_max_forward=num_max_forward,
+        )
+        if pred.shape[-2:] != rescale_to:
+            pred = F.interpolate(pred, size=rescale_to, mode="bilinear", align_corners=False)
+    elif inference_mode == "whole":
+        x = x.to(_model_device(segmentation_model, x.device))
+        if crop_size is not None and x.shape[-2:] != _pair(crop_size, "crop_size"):
+            x = F.interpolate(x, size=_pair(crop_size, "crop_size"), mode="bilinear", align_corners=False)
+        pred = _class_scores(segmentation_model.predict(x, rescale_to=rescale_to)).float()
+    else:
+        raise ValueError(f"unknown inference_mode {inference_mode!r}; expected 'whole' or 'slide'")
+    if apply_horizontal_flip:
+        pred = pred.flip(-1)
+    if output_activation is not None:
+        pred = output_activation(pred)
+    return pred
+
+
+def tta_image_size(height: int, width: int, small_size: int, ratio: float) -> tuple[int, int]:
+    """Official TTA scale rule: short side `int(small_size * ratio)`, rounded up to a multiple of 32 for ratios
+    below 1; long side keeps the aspect ratio (rounded to nearest)."""
+    if ratio <= 0 or small_size <= 0:
+        raise ValueError(f"tta ratio and small_size must be positive, got ratio={ratio}, small_size={small_size}")
+    side = int(small_size * ratio)
+    if ratio < 1:
+        side = -(-side // 32) * 32
+    if height > width:
+        return int(side * height / width + 0.5), side
+    return side, int(side * width / height + 0.5)
+
+
+@torch.no_grad()
+def make_tta_inference(
+    x: torch.Tensor,
+    segmentation_model: nn.Module,
+    rescale_to,
+    tta_ratios: Sequence[float] = (1.0,),
+    use_flip: bool = False,
+    small_size: int | None = None,
+    inference_mode: str = "slide",
+    crop_size=(512, 512),
+    stride=(341, 341),
+    crop_batch_size: int = 8,
+    n_output_channels: int | None = None,
+    output_activation: Callable[[torch.Tensor], torch.Tensor] | None = partial(F.softmax, dim=1),
+) -> torch.Tensor:
+    """Mean over scales (and horizontal flips) of the activated predictions, [B, C, *rescale_to] float32.
+
+    x is the image at its original resolution; each scale is resized from it with `tta_image_size(small_size,
+    ratio)` (`small_size=None`: x's own short side) when it is needed, so only one scaled copy exists at a time.
+    With `tta_ratios=(1.0,)` and no flip this is the plain (non-TTA) evaluation.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"make_tta_inference: expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    if not tta_ratios:
+        raise ValueError("make_tta_inference: tta_ratios is empty")
+    height, width = x.shape[-2:]
+    small_size = min(height, width) if small_size is None else small_size
+    total = None
+    n_preds = 0
+    for ratio in tta_ratios:
+        size = tta_image_size(height, width, small_size, ratio)
+        scaled = x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        for flip in (False, True) if use_flip else (False,):
+            pred = make_inference(
+                scaled.flip(-1) if flip else scaled,
+                segmentation_model,
+                inference_mode=inference_mode,
+                rescale_to=rescale_to,
+                crop_size=crop_size,
+                stride=stride,
+                apply_horizontal_flip=flip,
+                output_activation=output_activation,
+                crop_batch_size=crop_batch_size,
+                n_output_channels=n_output_channels,
+            )
+            total = pred if total is None else total.add_(pred)
+            n_preds += 1
+        del scaled
+    return total.div_(n_preds)
