@@ -10,7 +10,10 @@ ViT-Adapter, and a Mask2Former head with the official counts (100 queries, 16 he
   - the share of time spent in deformable attention: in the sampling core (`ms_deform_attn_core`) and in
     the whole `MSDeformAttn` modules (projections included).
 
-    .venv/bin/python benchmarks/m2f_inference.py [--hidden-dim 256] [--impls auto,gather,grid_sample]
+    .venv/bin/python benchmarks/m2f_inference.py [--hidden-dim 256] [--impls auto,gather,grid_sample] [--threads 1]
+
+On a shared machine, one thread gives the steadiest numbers (two threads slow down several-fold whenever
+another process takes a core).
 """
 
 import argparse
@@ -139,7 +142,10 @@ def main():
     parser.add_argument("--impls", default="auto,gather,grid_sample", help="deformable attention paths to time")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each (the median is reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
