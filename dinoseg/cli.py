@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("dinoseg").info("config:\n%s", OmegaConf.to_yaml(cfg))
             train_segmentation(cfg)
         elif args.command == "eval":
-            from .eval.segmentation.metrics import format_metrics_table
+            from .eval.segmentation.eval import format_metrics_table
             from .eval.segmentation.run import run_eval
 
             results = run_eval(_config(args.config))
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             report = check_dataset(make_dataset(descriptor, strict=False), progress=True)
             print(format_report(report))
             return 0 if not report.problems else 1
-    except (ConfigError, CheckpointError, DatasetError, TrainingError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, FileNotFoundError) as e:
         print(f"dinoseg: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -79,6 +79,17 @@ def _to_plain(obj):
     return obj
 
 
+def _to_numpy(obj):
+    """Tensors -> numpy arrays: all_gather_object cannot ship tensors inside Python objects on every backend."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    return obj
+
+
 def _from_plain_rng(state: dict) -> dict:
     numpy_state = state["numpy"]
     py = state["python"]
@@ -92,7 +103,7 @@ def _from_plain_rng(state: dict) -> dict:
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, iteration: int, best: dict, config_yaml: str,
                     extra: dict | None = None) -> None:
     """Collective (every rank must call it: RNG states are gathered); rank 0 writes `path` atomically."""
-    states = distributed.all_gather_object(_to_plain(rng_state()))
+    states = distributed.all_gather_object(_to_numpy(rng_state()))
     if not distributed.is_main_process():
         return
     payload = {
@@ -102,7 +113,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, iteratio
         "scaler": scaler.state_dict() if scaler is not None else {},
         "iteration": iteration,
         "best": best,
-        "rng": states,
+        "rng": _to_plain(states),
         "config": config_yaml,
         **(extra or {}),
     }

@@ -266,6 +266,9 @@ def validate_config(cfg: DictConfig) -> None:
         fail("transforms.train.random_img_size_ratio_range", [lo, hi], "expected 0 < low <= high")
     if cfg.model.dino_hub is None and not cfg.model.backbone_kwargs:
         fail("model.dino_hub", None, "give a hub name or model.backbone_kwargs")
+    summary = ("mIoU", "mAcc", "aAcc", "mDice", "mFscore", "mPrecision", "mRecall")
+    if cfg.eval.metric_to_save not in summary:
+        fail("eval.metric_to_save", cfg.eval.metric_to_save, f"expected one of {list(summary)}")
     for key in ("mean", "std"):
         if len(cfg.transforms[key]) != 3:
             fail(f"transforms.{key}", list(cfg.transforms[key]), "expected 3 values (RGB)")

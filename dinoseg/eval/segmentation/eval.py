@@ -2,6 +2,7 @@
 
 import csv
 import json
+import sys
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from ... import distributed
 from ...data.loaders import make_data_loader
 from .inference import make_tta_inference
-from .metrics import SegmentationMetrics
+from .metrics import _SUMMARY_NAMES, SEGMENTATION_METRICS, SegmentationMetrics, format_per_class_table
 from .setup import inference_kwargs
 
 logger = logging.getLogger("dinoseg")
@@ -46,7 +47,8 @@ def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int
     patch = getattr(model, "patch_size", 16)
     metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=255, class_names=class_names, device=device)
     show = progress and distributed.is_main_process()
-    for index, (image, label) in zip(loader.sampler, tqdm(loader, desc="eval", disable=not show, leave=False)):
+    for index, (image, label) in zip(loader.sampler, tqdm(loader, desc="eval", disable=not show, leave=False,
+                                                             mininterval=0.1 if sys.stderr.isatty() else 10.0)):
         image = image.to(device)
         label = label[0].to(device)
         if kwargs["inference_mode"] == "whole":
@@ -60,7 +62,23 @@ def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int
             Image.fromarray(pred.to(torch.uint8).cpu().numpy()).save(save_dir / f"{Path(name).stem}.png")
     metrics.all_reduce()
     model.train(was_training)
-    return metrics.compute()
+    results = metrics.compute()
+    per_class = metrics.per_class()
+    results["per_class"] = {
+        "class_names": list(class_names) if class_names is not None else [str(i) for i in range(num_classes)],
+        **{k: [None if np.isnan(v) else float(v) for v in per_class[k].tolist()] for k in per_class},
+    }
+    results["num_samples"] = metrics.num_samples
+    return results
+
+
+def format_metrics_table(results: dict) -> str:
+    """Per-class table (percent) followed by the dataset summary."""
+    per_class = {k: torch.tensor([np.nan if v is None else v for v in vals], dtype=torch.float64)
+                 for k, vals in results["per_class"].items() if k != "class_names"}
+    table = format_per_class_table(per_class, results["per_class"]["class_names"])
+    summary = "  ".join(f"{k} {100 * results[k]:.2f}" for k in _SUMMARY_NAMES.values() if k in results)
+    return f"{table}\n{summary}  ({results['num_samples']} images)"
 
 
 def _sample_name(dataset, index: int) -> str:
@@ -71,10 +89,11 @@ def _sample_name(dataset, index: int) -> str:
 
 def write_results(results: dict, output_dir: Path) -> None:
     """The official one-row CSV of dataset metrics, plus a JSON with every metric and the per-class table."""
-    scalars = {k: float(v) for k, v in results.items() if isinstance(v, (int, float, np.floating))}
+    # Official column names (mIoU, acc, aAcc, dice, fscore, precision, recall), fractions as the official code.
+    row = {name: results[_SUMMARY_NAMES[name]] for name in SEGMENTATION_METRICS}
     with open(output_dir / RESULTS_FILENAME, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(list(scalars))
-        writer.writerow([f"{v:.6f}" for v in scalars.values()])
+        writer.writerow(list(row))
+        writer.writerow([f"{v:.6f}" for v in row.values()])
     with open(output_dir / METRICS_FILENAME, "w") as f:
         json.dump(results, f, indent=2, default=float)

@@ -159,7 +159,7 @@ def plot_history(run_dir: Path) -> Path:
 
 def run_demo(cfg: DictConfig) -> dict:
     """Train on the synthetic set, evaluate, print the per-class table, save predictions and curves."""
-    from .metrics import format_metrics_table
+    from .eval import format_metrics_table
 
     results = train_segmentation(cfg)
     out = Path(cfg.output_dir)
@@ -171,12 +171,8 @@ def run_demo(cfg: DictConfig) -> dict:
     sample_dir = out / "demo_inputs"
     sample_dir.mkdir(exist_ok=True)
     for i in range(min(4, len(dataset))):
-        raw, _ = dataset.load_raw(i) if hasattr(dataset, "load_raw") else (None, None)
-        if raw is None:
-            break
-        Image.fromarray(raw.permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
-    if any(sample_dir.iterdir()):
-        run_predict(cfg, [str(sample_dir)], str(out / "predictions"), model=model, num_classes=num_classes)
+        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
+    run_predict(cfg, [str(sample_dir)], str(out / "predictions"), model=model, num_classes=num_classes)
     curves = plot_history(out)
     print(f"mIoU {results['mIoU']:.4f} (chance level about {1 / num_classes:.3f}); run directory: {out}")
     print(f"curves: {curves}; predictions: {out / 'predictions'}")

@@ -1,11 +1,12 @@
 """Builders shared by train / eval / predict: backbone, segmentor, datasets and transforms from the config."""
 
 import contextlib
+import inspect
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ...data import make_dataset
+from ...data import DATASETS, make_dataset, parse_dataset_str
 from ...hub.backbones import ARCHS, make_backbone
 from ...models.vision_transformer import DinoVisionTransformer
 from .config import ConfigError, InferenceMode, Precision
@@ -71,9 +72,14 @@ def build_model(cfg: DictConfig, num_classes: int, backbone=None):
 
 
 def dataset_descriptor(descriptor: str, root: str | None) -> str:
-    if root and ":root=" not in descriptor:
-        return f"{descriptor}:root={root}"
-    return descriptor
+    """Append the shared `datasets.root` to a descriptor that has none, when its dataset type takes a root."""
+    if not root or ":root=" in descriptor:
+        return descriptor
+    kind = parse_dataset_str(descriptor)["type"].strip().lower().replace("_", "").replace("-", "")
+    cls = DATASETS.get(kind)
+    if cls is not None and "root" not in inspect.signature(cls.__init__).parameters:
+        return descriptor  # e.g. the synthetic set
+    return f"{descriptor}:root={root}"
 
 
 def build_train_dataset(cfg: DictConfig):

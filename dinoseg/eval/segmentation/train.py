@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def wrap_distributed(model: torch.nn.Module, device: torch.device) -> torch.nn.M
     """DDP over the trainable part only: the frozen backbone is neither broadcast nor all-reduced."""
     if not distributed.is_enabled():
         return model
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = distributed.convert_sync_batchnorm(model, device)
     frozen = tuple(frozen_prefixes(model))
     ignored = [n for n, _ in model.named_parameters() if n.startswith(frozen)]
     ignored += [n for n, _ in model.named_buffers() if n.startswith(frozen)]
@@ -173,7 +174,6 @@ def train_segmentation(cfg: DictConfig) -> dict:
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start_iter, best = int(ckpt["iteration"]), dict(ckpt["best"])
-        restore_rng(ckpt)
         logger.info("resumed from %s at iteration %d", last_path, start_iter)
     log = MetricsLog(out, cfg.train.tensorboard, enabled=rank == 0)
     log.truncate_after(start_iter)
@@ -184,15 +184,20 @@ def train_segmentation(cfg: DictConfig) -> dict:
     train_loader = iter(torch.utils.data.DataLoader(
         EpochSeededDataset(train_set, cfg.seed), batch_size=per_process, sampler=sampler,
         num_workers=cfg.train.num_workers, drop_last=True, persistent_workers=cfg.train.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed + rank),  # keeps the global RNG untouched
     ))
     val_loader = make_val_loader(val_set, cfg)
 
     train_model = wrap_distributed(model, device)
     set_train_mode(train_model)
+    if start_iter:
+        restore_rng(ckpt)  # last, so nothing above shifts the restored stream (dropout draws from it)
     total = cfg.scheduler.total_iter
     metric_name = cfg.eval.metric_to_save
     results = {}
-    bar = tqdm(total=total, initial=start_iter, desc="train", disable=rank != 0, dynamic_ncols=True)
+    # Redraw a progress bar at most every few seconds when the output is a log file, not a terminal.
+    bar = tqdm(total=total, initial=start_iter, desc="train", disable=rank != 0, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     t0 = time.perf_counter()
 
     # 5. The loop.

@@ -1,0 +1,55 @@
+"""Shared settings for the engine tests: a tiny ViT on tiny synthetic images, a few iterations."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "model.dino_hub=null",
+    "model.backbone_kwargs.patch_size=16",
+    "model.backbone_kwargs.embed_dim=32",
+    "model.backbone_kwargs.depth=4",
+    "model.backbone_kwargs.num_heads=2",
+    "model.backbone_kwargs.n_storage_tokens=4",
+    "model.backbone_kwargs.layerscale_init=1e-5",
+    "model.backbone_kwargs.mask_k_bias=true",
+    "model.backbone_kwargs.pos_embed_rope_dtype=fp32",
+    "datasets.train=Synthetic:split=TRAIN:num_samples=32:image_size=64",
+    "datasets.val=Synthetic:split=VAL:num_samples=6:image_size=64",
+    "transforms.train.img_size=64",
+    "transforms.train.crop_size=64",
+    "transforms.train.random_img_size_ratio_range=[0.75,1.25]",
+    "transforms.eval.img_size=64",
+    "train.batch_size=4",
+    "train.num_workers=0",
+    "train.log_interval=5",
+    "eval.crop_size=48",
+    "eval.stride=32",
+    "optimizer.lr=0.01",
+    "scheduler.warmup_iters=2",
+]
+
+
+def tiny(output_dir, total_iter=10, eval_interval=None, checkpoint_interval=5, extra=()):
+    return TINY + [
+        f"output_dir={output_dir}",
+        f"scheduler.total_iter={total_iter}",
+        f"eval.eval_interval={eval_interval or total_iter}",
+        f"train.checkpoint_interval={checkpoint_interval}",
+        *extra,
+    ]
+
+
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "dinoseg.cli", *args], capture_output=True, text=True,
+                          env=cli_env(), timeout=timeout, cwd=REPO, **kwargs)

@@ -1,0 +1,146 @@
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from dinoseg.cli import main
+from dinoseg.eval.segmentation.checkpointer import BEST, LAST
+
+from .engine_utils import run_cli, tiny
+
+
+def _read(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_then_eval_then_predict(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny(out, total_iter=40, eval_interval=20, checkpoint_interval=20)]) == 0
+    for name in ("segmentation_config.yaml", LAST, BEST, "metrics.jsonl", "results-semantic-segmentation.csv",
+                 "results-semantic-segmentation.json"):
+        assert (out / name).exists(), name
+    ckpt = _read(out / LAST)
+    assert ckpt["iteration"] == 40
+    # Head only: the frozen backbone is never written.
+    assert set(ckpt["model"]) == {f"segmentation_model.1.{k}" for k in
+                                  ("batchnorm_layer.weight", "batchnorm_layer.bias", "batchnorm_layer.running_mean",
+                                   "batchnorm_layer.running_var", "batchnorm_layer.num_batches_tracked",
+                                   "conv.weight", "conv.bias")}
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "val" in r] == [20, 40]  # every eval_interval, not every iteration
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    train_results = json.loads((out / "results-semantic-segmentation.json").read_text())
+    assert train_results["mIoU"] > 0.3  # chance is ~1/6 on the synthetic classes
+
+    # Evaluating the saved head reproduces the final validation exactly.
+    eval_dir = tmp_path / "eval"
+    assert main(["eval", str(out / "segmentation_config.yaml"), f"head={out / LAST}", f"output_dir={eval_dir}",
+                 "eval.save_predictions=true"]) == 0
+    eval_results = json.loads((eval_dir / "results-semantic-segmentation.json").read_text())
+    assert eval_results["mIoU"] == train_results["mIoU"]
+    assert len(list((eval_dir / "predictions").glob("*.png"))) == 6
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed
+
+    # Predict on images of any size, with TTA.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (70, 45), (200, 30, 30)).save(images / "a.png")
+    Image.new("L", (33, 90), 128).save(images / "b.jpg")
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", str(out / "segmentation_config.yaml"), f"head={out / LAST}", "eval.use_tta=true",
+                 "transforms.eval.tta_ratios=[0.75,1.0]", "--input", str(images), "--output", str(pred_dir)]) == 0
+    mask = Image.open(pred_dir / "a_mask.png")
+    assert mask.size == (70, 45) and mask.mode == "RGB"
+    assert Image.open(pred_dir / "b_overlay.png").size == (33, 90)
+    assert Image.open(pred_dir / "b_label.png").mode == "L"
+
+
+def _wait_for_checkpoint(path, proc, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        if path.exists():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_head(tmp_path):
+    """Kill a real training process after its first checkpoint, resume it, compare with an uninterrupted run."""
+    total = 60
+    args = lambda out: ["train", *tiny(out, total_iter=total, eval_interval=30, checkpoint_interval=10,
+                                       extra=["eval.max_val_samples=2"])]  # noqa: E731
+    reference = run_cli(args(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    import subprocess
+    import sys
+
+    from .engine_utils import REPO, cli_env
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *args(out)], env=cli_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert _wait_for_checkpoint(out / LAST, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _read(out / LAST)["iteration"]
+    assert killed_at < total, "the run finished before it could be killed"
+
+    resumed = run_cli(args(out) + ["train.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _read(tmp_path / "ref" / LAST), _read(out / LAST)
+    assert a["iteration"] == b["iteration"] == total
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["best"] == b["best"]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
+    def error_of(args):
+        code = main(args)
+        err = capsys.readouterr().err.strip()
+        assert code != 0
+        assert err.startswith("dinoseg: error: ") and "\n" not in err, err
+        return err
+
+    base = tiny(tmp_path / "r", total_iter=4)
+    assert "root" in error_of(["train", *base, "datasets.train=ADE20K:split=TRAIN:root=/nonexistent/ade"])
+    assert "/missing/w.pth: checkpoint file not found" in error_of(
+        ["train", *base, "model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", "model.pretrained_weights=/missing/w.pth"])
+    assert "train.bach_size" in error_of(["train", *base, "train.bach_size=2"])
+    assert "precision" in error_of(["train", *base, "precision=float8"])
+    assert "eval.eval_interval=9" in error_of(["train", *base, "eval.eval_interval=9"])
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert "is not writable" in error_of(["train", *base, f"output_dir={blocker / 'sub'}"])
+    assert "head checkpoint not found" in error_of(["eval", *base, f"head={tmp_path / 'none.pth'}"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import dinoseg.eval.segmentation.train as train_module
+
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 6 else loss
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    out = tmp_path / "r"
+    assert main(["train", *tiny(out, total_iter=20, checkpoint_interval=5)]) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 6" in err and str(out / LAST) in err
+    ckpt = _read(out / LAST)
+    assert ckpt["iteration"] == 5 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
