@@ -112,6 +112,7 @@ def _first_cover_plan(boxes):
     return plan
 
 
+@torch.no_grad()
 def slide_inference(
     inputs: torch.Tensor,
     segmentation_model: nn.Module,
@@ -188,6 +189,7 @@ def slide_inference(
     return preds
 
 
+@torch.no_grad()
 def make_inference(
     x: torch.Tensor,
     segmentation_model: nn.Module,
