@@ -29,19 +29,19 @@ from dinoseg.eval.segmentation.inference import slide_crop_boxes, slide_inferenc
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
-VITS16 = dict(
-    patch_size=16,
-    embed_dim=384,
-    depth=12,
-    num_heads=6,
-    ffn_ratio=4,
-    ffn_layer="mlp",
-    n_storage_tokens=4,
-    layerscale_init=1e-5,
-    norm_layer="layernormbf16",
-    mask_k_bias=True,
-    pos_embed_rope_dtype="fp32",
-)
+VITS16 = {
+    "patch_size": 16,
+    "embed_dim": 384,
+    "depth": 12,
+    "num_heads": 6,
+    "ffn_ratio": 4,
+    "ffn_layer": "mlp",
+    "n_storage_tokens": 4,
+    "layerscale_init": 1e-5,
+    "norm_layer": "layernormbf16",
+    "mask_k_bias": True,
+    "pos_embed_rope_dtype": "fp32",
+}
 
 
 class PeakRSS:
@@ -91,8 +91,29 @@ def measure(fn, device: torch.device):
     return elapsed, rss.used
 
 
+def make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options) -> dict:
+    """The timed callables (bare model, slide, slide into `out`, first touch of a result), each with its results."""
+
+    def bare():
+        for batch in batches:
+            segmentor.predict(batch, rescale_to=crop_hw)
+
+    def slide():
+        slide_inference(x, segmentor, crop, stride, **options)
+
+    def slide_out():
+        slide_inference(x, segmentor, crop, stride, out=out, **options)
+
+    def first_touch():  # what a fresh result costs by itself: allocate and write it once
+        torch.empty_like(out).fill_(0)
+
+    return {fn: [] for fn in (bare, slide, slide_out, first_touch)}
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="512x683,1024x2048", help="comma-separated HxW input sizes")
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--stride", type=int, default=341)
@@ -105,16 +126,26 @@ def main():
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = DinoVisionTransformer(**VITS16)
-    segmentor = build_segmentation_decoder(backbone, "LAST", "linear", num_classes=args.num_classes).to(device).eval()
+    segmentor = (
+        build_segmentation_decoder(backbone, "LAST", "linear", num_classes=args.num_classes).to(device).eval()
+    )
     crop, stride = (args.crop, args.crop), (args.stride, args.stride)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
 
-    print(f"device: {device} ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else f"device: {torch.cuda.get_device_name()}")
-    print(f"ViT-S/16 random weights, linear head {args.num_classes} classes, crop {args.crop}, stride {args.stride}, "
-          f"crop batch {args.crop_batch_size}, min of {args.repeats} runs")
+    print(
+        f"device: {device} ({torch.get_num_threads()} CPU threads)"
+        if device.type == "cpu"
+        else f"device: {torch.cuda.get_device_name()}"
+    )
+    print(
+        f"ViT-S/16 random weights, linear head {args.num_classes} classes, crop {args.crop}, stride {args.stride}, "
+        f"crop batch {args.crop_batch_size}, min of {args.repeats} runs"
+    )
     memory_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (sampled)"
-    print(f"{'input':>10} {'crops':>5} {'model s':>8} {'slide s':>8} {'ratio':>6} {'slide+out s':>11} {'ratio':>6}"
-          f" {'model MiB':>9} {'slide MiB':>9} {'+out MiB':>8} {'alloc s':>7}")
+    print(
+        f"{'input':>10} {'crops':>5} {'model s':>8} {'slide s':>8} {'ratio':>6} {'slide+out s':>11} {'ratio':>6}"
+        f" {'model MiB':>9} {'slide MiB':>9} {'+out MiB':>8} {'alloc s':>7}"
+    )
     with torch.no_grad():
         for height, width in sizes:
             x = torch.randn(1, 3, height, width, device=device)
@@ -123,22 +154,9 @@ def main():
             crops = torch.stack([x[0, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
             batches = list(crops.split(args.crop_batch_size))
             out = torch.empty(1, args.num_classes, height, width, device=device)
-            options = dict(crop_batch_size=args.crop_batch_size, n_output_channels=args.num_classes)
+            options = {"crop_batch_size": args.crop_batch_size, "n_output_channels": args.num_classes}
 
-            def bare():
-                for batch in batches:
-                    segmentor.predict(batch, rescale_to=crop_hw)
-
-            def slide():
-                slide_inference(x, segmentor, crop, stride, **options)
-
-            def slide_out():
-                slide_inference(x, segmentor, crop, stride, out=out, **options)
-
-            def first_touch():  # what a fresh result costs by itself: allocate and write it once
-                torch.empty_like(out).fill_(0)
-
-            runs = {f: [] for f in (bare, slide, slide_out, first_touch)}
+            runs = make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options)
             for fn in runs:  # warm-up (allocator, kernels)
                 fn()
             for _ in range(args.repeats):  # interleaved, so that drifts hit all alike
@@ -147,11 +165,15 @@ def main():
             (t_bare, m_bare), (t_slide, m_slide), (t_out, m_out), (t_alloc, _) = (
                 (min(t for t, _ in r), max(m for _, m in r) / 2**20) for r in runs.values()
             )
-            print(f"{height:>4}x{width:<5} {len(boxes):>5} {t_bare:>8.3f} {t_slide:>8.3f} {t_slide / t_bare:>6.3f} "
-                  f"{t_out:>11.3f} {t_out / t_bare:>6.3f} {m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f}",
-                  flush=True)
-    print(f"memory: {memory_kind}, above the level before each call; alloc s: allocating and first-touching one "
-          "result-sized float32 tensor")
+            print(
+                f"{height:>4}x{width:<5} {len(boxes):>5} {t_bare:>8.3f} {t_slide:>8.3f} {t_slide / t_bare:>6.3f} "
+                f"{t_out:>11.3f} {t_out / t_bare:>6.3f} {m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f}",
+                flush=True,
+            )
+    print(
+        f"memory: {memory_kind}, above the level before each call; alloc s: allocating and first-touching one "
+        "result-sized float32 tensor"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ class ConvSegmentor(nn.Module):
 
     def __init__(self, num_classes=3, kernel_size=1, stride=1, m2f_queries=0):
         super().__init__()
-        self.conv = nn.Conv2d(3, m2f_queries or num_classes, kernel_size, stride=stride, padding=kernel_size // 2)
+        self.conv = nn.Conv2d(
+            3, m2f_queries or num_classes, kernel_size, stride=stride, padding=kernel_size // 2
+        )
         self.class_logits = nn.Parameter(torch.randn(m2f_queries, num_classes + 1)) if m2f_queries else None
         self.calls = []
 
@@ -45,12 +47,18 @@ def test_slide_matches_official(official_index, name):
     crop, stride = official_index[name]["crop_size"], official_index[name]["stride"]
     x = ref["slide_x"]
     for crop_batch_size in (1, 4):
-        logits = slide_inference(x, segmentor, (crop, crop), (stride, stride), crop_batch_size=crop_batch_size)
+        logits = slide_inference(
+            x, segmentor, (crop, crop), (stride, stride), crop_batch_size=crop_batch_size
+        )
         torch.testing.assert_close(logits, ref["slide_logits"], atol=1e-5, rtol=1e-5)
     # Two images per call, crops of both images mixed in one model batch.
-    two = slide_inference(torch.cat([x, x.flip(-1)]), segmentor, crop, stride, crop_batch_size=5, n_output_channels=7)
+    two = slide_inference(
+        torch.cat([x, x.flip(-1)]), segmentor, crop, stride, crop_batch_size=5, n_output_channels=7
+    )
     torch.testing.assert_close(two[:1], ref["slide_logits"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(two[1:], slide_inference(x.flip(-1), segmentor, crop, stride), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        two[1:], slide_inference(x.flip(-1), segmentor, crop, stride), atol=1e-5, rtol=1e-5
+    )
     h, w = x.shape[-2:]
     probs = make_inference(
         x,
@@ -66,17 +74,14 @@ def test_slide_matches_official(official_index, name):
     torch.testing.assert_close(probs, ref["slide_flipped_softmax_2x"], atol=1e-5, rtol=1e-5)
 
 
-grid = dict(
+@settings(max_examples=300, deadline=None)
+@given(
     height=st.integers(1, 40),
     width=st.integers(1, 40),
     crop_h=st.integers(1, 24),
     crop_w=st.integers(1, 24),
     data=st.data(),
 )
-
-
-@settings(max_examples=300, deadline=None)
-@given(**grid)
 def test_any_crop_grid_covers_every_pixel(height, width, crop_h, crop_w, data):
     stride = (data.draw(st.integers(1, crop_h)), data.draw(st.integers(1, crop_w)))
     boxes = slide_crop_boxes(height, width, (crop_h, crop_w), stride)
@@ -105,7 +110,9 @@ def test_any_crop_grid_covers_every_pixel(height, width, crop_h, crop_w, data):
     batch=st.integers(1, 2),
     m2f=st.booleans(),
 )
-def test_slide_with_a_crop_as_big_as_the_image_is_whole_inference(height, width, extra_h, extra_w, batch, m2f):
+def test_slide_with_a_crop_as_big_as_the_image_is_whole_inference(
+    height, width, extra_h, extra_w, batch, m2f
+):
     torch.manual_seed(0)
     model = ConvSegmentor(kernel_size=5, stride=2, m2f_queries=4 if m2f else 0)
     x = torch.randn(batch, 3, height, width)
@@ -178,9 +185,11 @@ def test_tta_averages_scales_and_flips():
     torch.manual_seed(0)
     model = ConvSegmentor(kernel_size=3)
     x = torch.randn(2, 3, 30, 40)
-    options = dict(rescale_to=(30, 40), crop_size=16, stride=10, crop_batch_size=4)
+    options = {"rescale_to": (30, 40), "crop_size": 16, "stride": 10, "crop_batch_size": 4}
     with torch.no_grad():
-        tta = make_tta_inference(x, model, tta_ratios=(1.0, 0.5, 1.5), use_flip=True, small_size=30, **options)
+        tta = make_tta_inference(
+            x, model, tta_ratios=(1.0, 0.5, 1.5), use_flip=True, small_size=30, **options
+        )
         expected = torch.zeros(2, 3, 30, 40)
         for ratio in (1.0, 0.5, 1.5):
             size = tta_image_size(30, 40, 30, ratio)
@@ -192,7 +201,9 @@ def test_tta_averages_scales_and_flips():
         torch.testing.assert_close(tta, expected)
         # No TTA: a single slide prediction, softmaxed.
         plain = make_tta_inference(x, model, **options)
-        torch.testing.assert_close(plain, make_inference(x, model, "slide", output_activation=softmax, **options))
+        torch.testing.assert_close(
+            plain, make_inference(x, model, "slide", output_activation=softmax, **options)
+        )
 
 
 def test_num_max_forward_pads_model_calls():

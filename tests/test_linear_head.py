@@ -40,7 +40,9 @@ def official_segmentor(official_index, name) -> tuple[FeatureDecoder, dict]:
 
 
 def tiny_backbone(depth=4):
-    return DinoVisionTransformer(embed_dim=32, depth=depth, num_heads=2, n_storage_tokens=2, layerscale_init=1e-5)
+    return DinoVisionTransformer(
+        embed_dim=32, depth=depth, num_heads=2, n_storage_tokens=2, layerscale_init=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", LINEAR_FIXTURES)
@@ -81,7 +83,9 @@ def test_training_forward_is_dropout_then_batchnorm_then_conv():
 
 def test_cls_token_is_concatenated_per_layer():
     backbone = tiny_backbone()
-    seg = build_segmentation_decoder(backbone, "FOUR_LAST", "linear", num_classes=4, use_cls_token=True).eval()
+    seg = build_segmentation_decoder(
+        backbone, "FOUR_LAST", "linear", num_classes=4, use_cls_token=True
+    ).eval()
     head = seg.segmentation_model[1]
     assert head.channels == 2 * 4 * 32
     x = torch.randn(2, 3, 32, 48)
@@ -89,7 +93,9 @@ def test_cls_token_is_concatenated_per_layer():
     feats = head._features(layers)
     for i, (patch, cls) in enumerate(layers):
         torch.testing.assert_close(feats[:, 64 * i : 64 * i + 32], patch)
-        torch.testing.assert_close(feats[:, 64 * i + 32 : 64 * (i + 1)], cls[:, :, None, None].expand(-1, -1, 2, 3))
+        torch.testing.assert_close(
+            feats[:, 64 * i + 32 : 64 * (i + 1)], cls[:, :, None, None].expand(-1, -1, 2, 3)
+        )
     assert seg.predict(x, rescale_to=(32, 48)).shape == (2, 4, 32, 48)
     with pytest.raises(ValueError, match="class token"):
         head([p for p, _ in layers])
@@ -124,7 +130,9 @@ def test_cpu_autocast_follows_input_device():
     torch.manual_seed(0)
     backbone = tiny_backbone()
     seg32 = build_segmentation_decoder(backbone, "LAST", "linear", num_classes=4).eval()
-    seg16 = build_segmentation_decoder(backbone, "LAST", "linear", num_classes=4, autocast_dtype=torch.bfloat16)
+    seg16 = build_segmentation_decoder(
+        backbone, "LAST", "linear", num_classes=4, autocast_dtype=torch.bfloat16
+    )
     seg16.load_state_dict(seg32.state_dict())
     seg16.eval()
     x = torch.randn(1, 3, 32, 32)

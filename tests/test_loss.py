@@ -29,7 +29,9 @@ def test_ce_only_matches_cross_entropy():
     logits, target = _batch()
     loss = MultiSegmentationLoss(diceloss_weight=0.0, celoss_weight=1.0)(logits, target)
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, ignore_index=255))
-    loss = MultiSegmentationLoss(diceloss_weight=0.0, celoss_weight=0.5, ignore_index=3)(logits, target.clamp(max=4))
+    loss = MultiSegmentationLoss(diceloss_weight=0.0, celoss_weight=0.5, ignore_index=3)(
+        logits, target.clamp(max=4)
+    )
     torch.testing.assert_close(loss, 0.5 * F.cross_entropy(logits, target.clamp(max=4), ignore_index=3))
 
 
@@ -79,7 +81,7 @@ def test_batch_size_one_and_channel_dim_target():
 
 
 def test_logits_are_resized_to_the_label():
-    logits, target = _batch(h=3, w=4)
+    logits, _ = _batch(h=3, w=4)
     big_target = torch.randint(0, 5, (2, 6, 8))
     up = F.interpolate(logits, size=(6, 8), mode="bilinear", align_corners=False)
     torch.testing.assert_close(MultiSegmentationLoss()(logits, big_target), F.cross_entropy(up, big_target))

@@ -26,7 +26,12 @@ def test_matches_official(reduce_zero_label):
     # Without reduce_zero_label the fixture's labels run up to 7 with 7 classes: the official histogram drops
     # the stray label silently, which strict=False reproduces (and the default refuses, see below).
     areas = calculate_intersect_and_union(
-        ref["pred"], ref["label"], 7, ignore_index=255, reduce_zero_label=reduce_zero_label, strict=reduce_zero_label
+        ref["pred"],
+        ref["label"],
+        7,
+        ignore_index=255,
+        reduce_zero_label=reduce_zero_label,
+        strict=reduce_zero_label,
     )
     assert areas.dtype == torch.int64
     torch.testing.assert_close(areas.float(), expected["intersect_union_pred_label"], atol=0, rtol=0)
@@ -52,7 +57,9 @@ def test_out_of_range_values_raise():
     with pytest.raises(ValueError, match="prediction value 9"):
         calculate_intersect_and_union(torch.tensor([9, 0]), torch.tensor([1, 0]), 7)
     with pytest.raises(ValueError, match="shape"):
-        calculate_intersect_and_union(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 7)
+        calculate_intersect_and_union(
+            torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 7
+        )
 
 
 def test_known_small_case_with_nan_classes():

@@ -29,6 +29,8 @@ __all__ = [
     "tta_image_size",
 ]
 
+_SOFTMAX = partial(F.softmax, dim=1)
+
 
 def mask_classification_to_semantic(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
     """Per-class scores [B, C, H, W] from Mask2Former outputs (logits [B, Q, C+1], masks [B, Q, H, W]).
@@ -52,7 +54,9 @@ def _class_scores(output) -> torch.Tensor:
             raise KeyError(f"segmentor predict() returned a dict without {sorted(missing)}")
         return mask_classification_to_semantic(output["pred_logits"], output["pred_masks"])
     if not torch.is_tensor(output) or output.ndim != 4:
-        raise TypeError(f"segmentor predict() must return [B, C, H, W] scores or a Mask2Former dict, got {output!r:.80}")
+        raise TypeError(
+            f"segmentor predict() must return [B, C, H, W] scores or a Mask2Former dict, got {output!r:.80}"
+        )
     return output
 
 
@@ -77,7 +81,9 @@ def slide_crop_boxes(height: int, width: int, crop_size, stride) -> list[tuple[i
     h_crop, w_crop = _pair(crop_size, "crop_size")
     h_stride, w_stride = _pair(stride, "stride")
     if h_stride > h_crop or w_stride > w_crop:
-        raise ValueError(f"stride {(h_stride, w_stride)} is larger than crop_size {(h_crop, w_crop)}: pixels would be skipped")
+        raise ValueError(
+            f"stride {(h_stride, w_stride)} is larger than crop_size {(h_crop, w_crop)}: pixels would be skipped"
+        )
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     boxes = []
@@ -106,7 +112,9 @@ def _first_cover_plan(boxes):
             row, col_start = (y1, y2), 0
         row_start = max(y1, prev_row_end)
         new_x1 = max(x1, col_start)
-        seen = [r for r in ((y1, row_start, x1, x2), (row_start, y2, x1, new_x1)) if r[0] < r[1] and r[2] < r[3]]
+        seen = [
+            r for r in ((y1, row_start, x1, x2), (row_start, y2, x1, new_x1)) if r[0] < r[1] and r[2] < r[3]
+        ]
         plan.append(((row_start, y2, new_x1, x2), seen))
         col_start = x2
     return plan
@@ -169,19 +177,29 @@ def slide_inference(
     n_calls = 0
     for start in range(0, len(jobs), crop_batch_size):
         chunk = jobs[start : start + crop_batch_size]
-        crops = torch.stack([inputs[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in ((b, boxes[i]) for b, i in chunk)])
+        crops = torch.stack(
+            [inputs[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in ((b, boxes[i]) for b, i in chunk)]
+        )
         scores = _class_scores(segmentation_model.predict(crops, rescale_to=crop_hw))
         n_calls += 1
         if preds is None:
             preds = accumulator(scores.shape[1])
         elif scores.shape[1] != preds.shape[1]:
-            raise ValueError(f"slide_inference: model returned {scores.shape[1]} channels, expected {preds.shape[1]}")
+            raise ValueError(
+                f"slide_inference: model returned {scores.shape[1]} channels, expected {preds.shape[1]}"
+            )
         for score, (b, i) in zip(scores, chunk):
             oy, ox = boxes[i][0], boxes[i][2]
             (y1, y2, x1, x2), seen = plan[i]
-            torch.mul(score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2], out=preds[b, :, y1:y2, x1:x2])
+            torch.mul(
+                score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox],
+                weight[y1:y2, x1:x2],
+                out=preds[b, :, y1:y2, x1:x2],
+            )
             for y1, y2, x1, x2 in seen:
-                preds[b, :, y1:y2, x1:x2].addcmul_(score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2])
+                preds[b, :, y1:y2, x1:x2].addcmul_(
+                    score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2]
+                )
         del crops, scores
     for _ in range(n_calls, num_max_forward):
         dummy = inputs.new_zeros(min(crop_batch_size, len(jobs)), inputs.shape[1], *crop_hw)
@@ -243,7 +261,9 @@ def tta_image_size(height: int, width: int, small_size: int, ratio: float) -> tu
     """Official TTA scale rule: short side `int(small_size * ratio)`, rounded up to a multiple of 32 for ratios
     below 1; long side keeps the aspect ratio (rounded to nearest)."""
     if ratio <= 0 or small_size <= 0:
-        raise ValueError(f"tta ratio and small_size must be positive, got ratio={ratio}, small_size={small_size}")
+        raise ValueError(
+            f"tta ratio and small_size must be positive, got ratio={ratio}, small_size={small_size}"
+        )
     side = int(small_size * ratio)
     if ratio < 1:
         side = -(-side // 32) * 32
@@ -265,7 +285,7 @@ def make_tta_inference(
     stride=(341, 341),
     crop_batch_size: int = 8,
     n_output_channels: int | None = None,
-    output_activation: Callable[[torch.Tensor], torch.Tensor] | None = partial(F.softmax, dim=1),
+    output_activation: Callable[[torch.Tensor], torch.Tensor] | None = _SOFTMAX,
 ) -> torch.Tensor:
     """Mean over scales (and horizontal flips) of the activated predictions, [B, C, *rescale_to] float32.
 
@@ -283,7 +303,9 @@ def make_tta_inference(
     n_preds = 0
     for ratio in tta_ratios:
         size = tta_image_size(height, width, small_size, ratio)
-        scaled = x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        scaled = (
+            x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        )
         for flip in (False, True) if use_flip else (False,):
             pred = make_inference(
                 scaled.flip(-1) if flip else scaled,

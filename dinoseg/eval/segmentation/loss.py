@@ -56,7 +56,9 @@ class MultiSegmentationLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.ndim != 4:
-            raise ValueError(f"MultiSegmentationLoss: expected logits [B, C, H, W], got shape {tuple(pred.shape)}")
+            raise ValueError(
+                f"MultiSegmentationLoss: expected logits [B, C, H, W], got shape {tuple(pred.shape)}"
+            )
         if target.ndim == 4 and target.shape[1] == 1:
             target = target[:, 0]
         if target.ndim != 3 or target.shape[0] != pred.shape[0]:

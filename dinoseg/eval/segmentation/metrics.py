@@ -30,7 +30,9 @@ _SUMMARY_NAMES = {"mIoU": "mIoU", "acc": "mAcc", "aAcc": "aAcc", "dice": "mDice"
 def preprocess_nonzero_labels(label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """`reduce_zero_label`: label 0 becomes `ignore_index`, every other label `l` becomes `l - 1`."""
     label = label.long()
-    return torch.where((label == 0) | (label == ignore_index), torch.full_like(label, ignore_index), label - 1)
+    return torch.where(
+        (label == 0) | (label == ignore_index), torch.full_like(label, ignore_index), label - 1
+    )
 
 
 def calculate_intersect_and_union(
@@ -167,7 +169,9 @@ class SegmentationMetrics:
             raise RuntimeError("SegmentationMetrics.update() after all_reduce(): call reset() first")
         if pred.is_floating_point():
             if pred.ndim != label.ndim + 1:
-                raise ValueError(f"scores {tuple(pred.shape)} need labels with one dim less, got {tuple(label.shape)}")
+                raise ValueError(
+                    f"scores {tuple(pred.shape)} need labels with one dim less, got {tuple(label.shape)}"
+                )
             pred = pred.argmax(dim=1)
         areas = calculate_intersect_and_union(
             pred,
@@ -185,7 +189,9 @@ class SegmentationMetrics:
     def all_reduce(self) -> None:
         """Sum the areas (and sample counts) of all processes, once; a no-op without torch.distributed."""
         if self._reduced:
-            raise RuntimeError("SegmentationMetrics.all_reduce() called twice: samples would be counted again")
+            raise RuntimeError(
+                "SegmentationMetrics.all_reduce() called twice: samples would be counted again"
+            )
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             counts = torch.cat([self.areas.flatten(), self.areas.new_tensor([self.num_samples])])
             if dist.get_backend() == "nccl":  # NCCL only reduces CUDA tensors
@@ -202,7 +208,10 @@ class SegmentationMetrics:
         return metrics
 
     def compute(self) -> dict[str, float]:
-        return {_SUMMARY_NAMES[k]: float(v) for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()}
+        return {
+            _SUMMARY_NAMES[k]: float(v)
+            for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()
+        }
 
     def format_table(self, digits: int = 2) -> str:
         return format_per_class_table(self.per_class(), self.class_names, digits)

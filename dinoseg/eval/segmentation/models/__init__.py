@@ -24,7 +24,9 @@ class FeatureDecoder(nn.Module):
     def __init__(self, segmentation_model: nn.ModuleList, autocast_dtype: torch.dtype = torch.float32):
         super().__init__()
         if len(segmentation_model) != 2:
-            raise ValueError(f"FeatureDecoder: expected [backbone_side, head], got {len(segmentation_model)} modules")
+            raise ValueError(
+                f"FeatureDecoder: expected [backbone_side, head], got {len(segmentation_model)} modules"
+            )
         self.segmentation_model = segmentation_model
         self.autocast_dtype = autocast_dtype
 
@@ -69,7 +71,9 @@ def build_segmentation_decoder(
             backbone_out_layers = BackboneLayersSet(backbone_out_layers.upper())
         except ValueError:
             choices = [m.value for m in BackboneLayersSet]
-            raise ValueError(f"unknown backbone_out_layers {backbone_out_layers!r}; expected one of {choices}") from None
+            raise ValueError(
+                f"unknown backbone_out_layers {backbone_out_layers!r}; expected one of {choices}"
+            ) from None
     if decoder_type not in DECODER_TYPES:
         raise ValueError(f"unknown decoder_type {decoder_type!r}; expected one of {list(DECODER_TYPES)}")
     n_blocks = getattr(backbone_model, "n_blocks", None)

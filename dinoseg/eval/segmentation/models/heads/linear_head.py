@@ -29,7 +29,9 @@ class LinearHead(nn.Module):
         super().__init__()
         in_channels = [in_channels] if isinstance(in_channels, int) else list(in_channels)
         if not in_channels or any(c <= 0 for c in in_channels):
-            raise ValueError(f"LinearHead: in_channels must be a non-empty list of positive ints, got {in_channels}")
+            raise ValueError(
+                f"LinearHead: in_channels must be a non-empty list of positive ints, got {in_channels}"
+            )
         if n_output_channels <= 0:
             raise ValueError(f"LinearHead: n_output_channels must be positive, got {n_output_channels}")
         self.in_channels = in_channels
@@ -58,7 +60,9 @@ class LinearHead(nn.Module):
                 x, cls_token = item
             else:
                 if isinstance(item, (tuple, list)):
-                    raise ValueError(f"LinearHead(use_cls_token=False): input {i} is a tuple, expected a tensor")
+                    raise ValueError(
+                        f"LinearHead(use_cls_token=False): input {i} is a tuple, expected a tensor"
+                    )
                 x, cls_token = item, None
             if x.ndim == 2:  # a global feature vector acts as a 1x1 map
                 x = x[:, :, None, None]
