@@ -152,3 +152,13 @@ def test_vitl_sat_weights_get_the_untied_norm(tmp_path):
     path = _save(tmp_path, ref.state_dict(), "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")
     loaded = make_backbone("dinov3_vitl16", weights=str(path), **kw)
     assert loaded.local_cls_norm is not None
+
+
+def test_hub_segmentor_entry_points_on_meta_device():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seg = _hub_load("dinov3_vit7b16_ms", pretrained=False, device="meta")
+    n = sum(p.numel() for p in seg.parameters())
+    assert n == 7_643_463_639  # 6,716,043,264 backbone + 927,420,375 adapter and Mask2Former head (hidden 2048)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 300
+    linear = _hub_load("dinov3_vitl16_ade20k_linear", pretrained=False, device="meta")
+    assert linear.segmentation_model[1].conv.out_channels == 150

@@ -144,3 +144,11 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
     assert "loss is nan at iteration 6" in err and str(out / LAST) in err
     ckpt = _read(out / LAST)
     assert ckpt["iteration"] == 5 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+
+
+def test_released_segmentor_by_name_is_looked_up_locally(tmp_path, monkeypatch, capsys):
+    # `head=dinov3_vit7b16_ms` selects the released 7B Mask2Former segmentor; its head is never downloaded.
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    code = main(["eval", *tiny(tmp_path / "r", total_iter=4), "head=dinov3_vit7b16_ms"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dinov3_vit7b16_ade20k_m2f_head-bf307cb1.pth" in err and "never downloads" in err

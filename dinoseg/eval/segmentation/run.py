@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ... import distributed
@@ -28,10 +28,29 @@ def infer_num_classes(head_weights: dict) -> int | None:
     return int(head_weights[key].shape[0]) - 1 if key in head_weights else None
 
 
+# Released segmentors usable by name (`head=dinov3_vit7b16_ms`): the config they imply.
+HUB_SEGMENTORS = {
+    "dinov3_vit7b16_ms": {"model.dino_hub": "dinov3_vit7b16", "decoder_head.type": "m2f", "decoder_head.hidden_dim": 2048,
+                          "decoder_head.num_classes": 150, "decoder_head.backbone_out_layers": "FOUR_EVEN_INTERVALS"},
+}
+
+
+def _apply_hub_segmentor(cfg: DictConfig, name: str) -> str:
+    """Set the architecture of a released segmentor in `cfg`; return its head file (torch hub cache)."""
+    from ...hub.segmentors import SegmentorWeights, _head_location
+
+    for key, value in HUB_SEGMENTORS[name].items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return _head_location(HUB_SEGMENTORS[name]["model.dino_hub"], SegmentorWeights.ADE20K, official=True)
+
+
 def load_segmentor(cfg: DictConfig, head_path: str | None, device: torch.device, num_classes: int | None = None):
-    """The configured segmentor with a trained head; `num_classes` falls back to the head checkpoint's."""
+    """The configured segmentor with a trained head; `num_classes` falls back to the head checkpoint's.
+    `head_path` may also name a released segmentor (`dinov3_vit7b16_ms`)."""
     if not head_path:
         raise ConfigError("load_from: a head checkpoint is required (load_from=PATH or head=PATH)")
+    if head_path in HUB_SEGMENTORS:
+        head_path = _apply_hub_segmentor(cfg, head_path)
     weights = read_head_weights(head_path)
     num_classes = cfg.decoder_head.num_classes or num_classes or infer_num_classes(weights)
     if num_classes is None:
