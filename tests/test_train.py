@@ -152,3 +152,19 @@ def test_released_segmentor_by_name_is_looked_up_locally(tmp_path, monkeypatch, 
     code = main(["eval", *tiny(tmp_path / "r", total_iter=4), "head=dinov3_vit7b16_ms"])
     err = capsys.readouterr().err
     assert code == 2 and "dinov3_vit7b16_ade20k_m2f_head-bf307cb1.pth" in err and "never downloads" in err
+
+
+def test_bfloat16_training_on_cpu_and_float16_refused(tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3), "precision=bfloat16"]) == 0
+    ckpt = _read(out / LAST)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["model"].values())  # master weights stay fp32
+    assert main(["train", *tiny(tmp_path / "fp16", total_iter=3), "precision=float16"]) == 2
+    assert "precision=float16 needs CUDA" in capsys.readouterr().err
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    assert main(["train", *tiny(out, total_iter=2, checkpoint_interval=2), "train.tensorboard=true"]) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

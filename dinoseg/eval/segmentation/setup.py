@@ -117,3 +117,10 @@ def inference_kwargs(cfg: DictConfig) -> dict:
         stride=(e.stride, e.stride),
         crop_batch_size=e.crop_batch_size,
     )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (the frozen backbone has none)."""
+    o = cfg.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)

@@ -26,7 +26,7 @@ from .eval import evaluate_segmentation_model, make_val_loader, write_results
 from .loss import MultiSegmentationLoss
 from .sampling import EpochSeededDataset, InfiniteShardedSampler
 from .schedulers import build_scheduler
-from .setup import build_model, build_train_dataset, build_val_dataset
+from .setup import build_model, build_optimizer, build_train_dataset, build_val_dataset
 
 logger = logging.getLogger("dinoseg")
 
@@ -156,9 +156,8 @@ def train_segmentation(cfg: DictConfig) -> dict:
     # 3. Model, loss, optimiser over trainable parameters only, schedule, gradient scaler.
     model = build_model(cfg, num_classes).to(device)
     criterion = build_criterion(cfg, num_classes).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optimizer
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    optimizer = build_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = build_scheduler(optimizer, cfg.scheduler)
     scaler = torch.amp.GradScaler("cuda") if precision == Precision.FLOAT16 else None
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -219,8 +218,8 @@ def train_segmentation(cfg: DictConfig) -> dict:
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        if o.gradient_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, o.gradient_clip)
+        if cfg.optimizer.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.gradient_clip)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -1,0 +1,109 @@
+"""Each configuration field reaches the object it configures (the engine tests cover the train.* loop fields)."""
+
+import pytest
+import torch
+
+from dinoseg.eval.segmentation.config import load_config
+from dinoseg.eval.segmentation.setup import (
+    AUTOCAST_DTYPES,
+    build_backbone,
+    build_model,
+    build_optimizer,
+    build_train_dataset,
+    inference_kwargs,
+)
+from dinoseg.eval.segmentation.transforms import (
+    Normalize,
+    PhotoMetricDistortion,
+    RandomCropCatMax,
+    RandomHorizontalFlip,
+    RandomShortSideResize,
+)
+
+from .engine_utils import TINY
+
+
+def cfg(*overrides):
+    return load_config([], TINY + list(overrides))
+
+
+def test_model_fields():
+    a = build_backbone(cfg().model)
+    b = build_backbone(cfg().model)
+    torch.testing.assert_close(a.cls_token, b.cls_token)  # random_init_seed: the same random backbone every time
+    c = build_backbone(cfg("model.random_init_seed=1").model)
+    assert not torch.equal(a.cls_token, c.cls_token)
+    assert build_backbone(cfg("model.backbone_kwargs.depth=2").model).n_blocks == 2
+    hub = build_backbone(load_config([], ["model.backbone_kwargs.depth=1"]).model)  # default hub: dinov3_vits16
+    assert hub.embed_dim == 384 and hub.n_blocks == 1  # hub architecture + keyword override
+    assert all(not p.requires_grad for p in a.parameters()) and not a.training
+
+
+def test_decoder_fields():
+    head = build_model(cfg(), num_classes=5).segmentation_model[1]
+    assert head.conv.out_channels == 5 and head.conv.in_channels == 32
+    assert isinstance(head.batchnorm_layer, torch.nn.BatchNorm2d)
+    assert build_model(cfg("decoder_head.num_classes=9"), num_classes=9).segmentation_model[1].conv.out_channels == 9
+    four = build_model(cfg("decoder_head.backbone_out_layers=FOUR_LAST"), 5)
+    assert four.segmentation_model[0].n == [0, 1, 2, 3] and four.segmentation_model[1].conv.in_channels == 128
+    cls = build_model(cfg("decoder_head.use_cls_token=true"), 5).segmentation_model[1]
+    assert cls.conv.in_channels == 64
+    no_bn = build_model(cfg("decoder_head.use_batchnorm=false"), 5).segmentation_model[1]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in no_bn.modules())
+    drop = build_model(cfg("decoder_head.dropout=0.3"), 5).segmentation_model[1]
+    assert [m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout2d)] == [0.3]
+    m2f = build_model(cfg("decoder_head.type=m2f", "decoder_head.hidden_dim=32", "decoder_head.m2f.num_queries=7",
+                          "decoder_head.m2f.nheads=2", "decoder_head.m2f.dim_feedforward=48",
+                          "decoder_head.m2f.enc_layers=1", "decoder_head.m2f.dec_layers=2",
+                          "decoder_head.m2f.pixel_decoder_nheads=2", "decoder_head.backbone_out_layers=FOUR_EVEN_INTERVALS"), 5)
+    sd = m2f.state_dict()
+    assert sd["segmentation_model.1.predictor.query_feat.weight"].shape == (7, 32)
+    assert sd["segmentation_model.1.predictor.class_embed.weight"].shape == (6, 32)
+    assert sd["segmentation_model.1.predictor.transformer_ffn_layers.0.linear1.weight"].shape == (48, 32)
+    assert len([k for k in sd if k.endswith("transformer_ffn_layers.1.norm.weight")]) == 1
+    assert not any(".transformer_ffn_layers.2." in k for k in sd)
+    assert not any(".encoder.layers.1." in k for k in sd)
+
+
+def test_optimizer_fields():
+    model = build_model(cfg("optimizer.lr=0.5", "optimizer.beta1=0.8", "optimizer.beta2=0.95",
+                            "optimizer.weight_decay=0.25"), 5)
+    opt = build_optimizer(model, cfg("optimizer.lr=0.5", "optimizer.beta1=0.8", "optimizer.beta2=0.95",
+                                     "optimizer.weight_decay=0.25"))
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.5, (0.8, 0.95), 0.25)
+    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in model.segmentation_model[1].parameters())
+
+
+def test_transform_fields():
+    ds = build_train_dataset(cfg("transforms.train.img_size=80", "transforms.train.random_img_size_ratio_range=[1.5,1.5]",
+                                 "transforms.train.crop_size=48", "transforms.train.cat_max_ratio=0.5",
+                                 "transforms.train.flip_prob=0.25", "transforms.train.photometric_distortion=false",
+                                 "transforms.mean=[0.5,0.5,0.5]", "transforms.std=[0.25,0.25,0.25]"))
+    steps = ds.transforms.transforms
+    resize = next(t for t in steps if isinstance(t, RandomShortSideResize))
+    assert resize.img_size == 80 and tuple(resize.ratio_range) == (1.5, 1.5)
+    crop = next(t for t in steps if isinstance(t, RandomCropCatMax))
+    assert crop.crop_size == (48, 48) and crop.cat_max_ratio == 0.5
+    assert next(t for t in steps if isinstance(t, RandomHorizontalFlip)).p == 0.25
+    assert not any(isinstance(t, PhotoMetricDistortion) for t in steps)
+    norm = next(t for t in steps if isinstance(t, Normalize))
+    assert list(norm.mean) == [0.5] * 3 and list(norm.std) == [0.25] * 3
+    image, label = ds[0]
+    assert image.shape == (3, 48, 48) and label.shape == (48, 48)
+    with_photo = build_train_dataset(cfg("transforms.train.photometric_distortion=true"))
+    assert any(isinstance(t, PhotoMetricDistortion) for t in with_photo.transforms.transforms)
+
+
+def test_eval_fields():
+    kw = inference_kwargs(cfg("eval.mode=whole", "eval.crop_size=40", "eval.stride=20", "eval.crop_batch_size=3"))
+    assert kw["inference_mode"] == "whole" and kw["crop_size"] == (40, 40) and kw["stride"] == (20, 20)
+    assert kw["crop_batch_size"] == 3 and kw["tta_ratios"] == (1.0,) and not kw["use_flip"]
+    tta = inference_kwargs(cfg("eval.use_tta=true", "transforms.eval.tta_ratios=[0.5,1.0,1.5]"))
+    assert tta["tta_ratios"] == (0.5, 1.0, 1.5) and tta["use_flip"]
+
+
+@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_precision_sets_the_autocast_dtype(name, dtype):
+    c = cfg(f"precision={name}")
+    assert build_model(c, 5).autocast_dtype == AUTOCAST_DTYPES[c.precision] == dtype
