@@ -166,5 +166,5 @@ def test_bfloat16_training_on_cpu_and_float16_refused(tmp_path, capsys):
 def test_tensorboard_logging(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
-    assert main(["train", *tiny(out, total_iter=2, checkpoint_interval=2), "train.tensorboard=true"]) == 0
+    assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3), "train.tensorboard=true"]) == 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
