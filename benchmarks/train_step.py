@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dinoseg.eval.segmentation.config import load_config  # noqa: E402
-from dinoseg.eval.segmentation.setup import build_model  # noqa: E402
-from dinoseg.eval.segmentation.train import train_segmentation  # noqa: E402
+from dinoseg.eval.segmentation.config import load_config
+from dinoseg.eval.segmentation.setup import build_model
+from dinoseg.eval.segmentation.train import train_segmentation
 
 
 def main() -> None:

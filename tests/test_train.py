@@ -78,7 +78,7 @@ def test_kill_and_resume_gives_the_same_head(tmp_path):
     """Kill a real training process after its first checkpoint, resume it, compare with an uninterrupted run."""
     total = 60
     args = lambda out: ["train", *tiny(out, total_iter=total, eval_interval=30, checkpoint_interval=10,
-                                       extra=["eval.max_val_samples=2"])]  # noqa: E731
+                                       extra=["eval.max_val_samples=2"])]
     reference = run_cli(args(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-2000:]
 

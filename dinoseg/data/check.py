@@ -52,7 +52,7 @@ def _raw_values_at(dataset, index: int, bad: torch.Tensor) -> str:
     """The values stored in the mask file where the train-id label is invalid (more telling than train ids)."""
     try:
         raw = torch.from_numpy(dataset.load_raw_mask(index))
-    except Exception:  # noqa: BLE001 - only an extra hint; the fault itself is already known
+    except Exception:
         return ""
     if raw.shape != bad.shape:
         return ""
@@ -95,11 +95,11 @@ def check_dataset(dataset, max_samples: int | None = None, progress: bool = Fals
         problems_before = len(report.problems)
         try:
             image = dataset.load_image(i)
-        except Exception as e:  # noqa: BLE001 - record any failure and go on: the check must not crash
+        except Exception as e:
             report.problems.append(_as_problem(e, name, "unreadable or corrupt image"))
         try:
             label = dataset.load_label(i)
-        except Exception as e:  # noqa: BLE001 - as above
+        except Exception as e:
             report.problems.append(_as_problem(e, mask_path or name, "unreadable or corrupt mask"))
         if image_path is not None and image is not None and exif_orientation(image_path) != 1:
             report.warnings.append(

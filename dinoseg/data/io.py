@@ -38,7 +38,7 @@ def _open(path: str, what: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for corrupt files
+    except Exception as e:
         reason = f"unreadable or corrupt {what}: {type(e).__name__}: {e}"
         raise DatasetError(f"{path}: {reason}", path, reason) from None
     return img
@@ -108,7 +108,7 @@ def image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             w, h = img.size
-    except Exception as e:  # noqa: BLE001 - any failure to parse the header means an unreadable file
+    except Exception as e:
         raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     return h, w
 
@@ -118,7 +118,7 @@ def exif_orientation(path: str) -> int:
     try:
         with Image.open(path) as img:
             return int(img.getexif().get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block is reported elsewhere, not here
+    except Exception:
         return 1
 
 

@@ -76,7 +76,7 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> d
 
         try:
             return load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001 - any decoding failure is the file's fault
+        except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

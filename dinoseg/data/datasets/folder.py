@@ -36,7 +36,7 @@ def load_class_file(path: str) -> dict:
             from omegaconf import OmegaConf
 
             data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as e:  # noqa: BLE001 - json / yaml parsers raise many types; all mean "bad file"
+    except Exception as e:
         raise DatasetError(f"cannot parse class file {path}: {type(e).__name__}: {e}") from None
     if isinstance(data, list):
         data = {"classes": data}

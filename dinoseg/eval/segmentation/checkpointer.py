@@ -127,7 +127,7 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable dinoseg checkpoint ({str(e).splitlines()[0]})") from None
 
 
@@ -148,7 +148,7 @@ def read_head_weights(path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: head checkpoint not found") from None
-    except Exception:  # noqa: BLE001
+    except Exception:
         obj = load_state_dict_file(path)  # safetensors or a readable error
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]

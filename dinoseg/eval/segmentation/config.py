@@ -217,7 +217,7 @@ def load_config(yaml_paths: list[str | Path] = (), overrides: list[str] = ()) ->
             raise ConfigError(f"{path}: config file not found")
         try:
             layers.append(OmegaConf.load(path))
-        except Exception as e:  # noqa: BLE001 - YAML syntax errors of any kind
+        except Exception as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     for item in overrides:
         if "=" not in item:

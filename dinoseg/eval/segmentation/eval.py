@@ -2,8 +2,8 @@
 
 import csv
 import json
-import sys
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np

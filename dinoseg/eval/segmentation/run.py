@@ -95,7 +95,7 @@ def _dataset_palette(cfg: DictConfig):
     try:
         dataset = build_val_dataset(cfg)
         return getattr(dataset, "palette", None), getattr(dataset, "class_names", None)
-    except Exception:  # noqa: BLE001 - predicting needs no dataset: fall back to generated colours
+    except Exception:
         return None, None
 
 

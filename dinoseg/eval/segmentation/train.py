@@ -7,7 +7,6 @@ Read it top to bottom: set-up, data, model, optimisation objects, optional resum
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -20,7 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ... import distributed
-from .checkpointer import BEST, LAST, frozen_prefixes, load_checkpoint, load_head_state_dict, restore_rng, save_checkpoint
+from .checkpointer import (
+    BEST,
+    LAST,
+    frozen_prefixes,
+    load_checkpoint,
+    load_head_state_dict,
+    restore_rng,
+    save_checkpoint,
+)
 from .config import Precision, save_config
 from .eval import evaluate_segmentation_model, make_val_loader, write_results
 from .loss import MultiSegmentationLoss
