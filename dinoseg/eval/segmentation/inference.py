@@ -120,6 +120,16 @@ def _first_cover_plan(boxes):
     return plan
 
 
+def _add_crop(pred: torch.Tensor, score: torch.Tensor, box, plan_entry, weight: torch.Tensor) -> None:
+    """Add one crop's weighted scores [C, h, w] into its window of `pred` [C, H, W]: the part it is first
+    to cover is written (the accumulator is not zero-filled), the rest is added to."""
+    oy, ox = box[0], box[2]
+    (y1, y2, x1, x2), seen = plan_entry
+    torch.mul(score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2], out=pred[:, y1:y2, x1:x2])
+    for y1, y2, x1, x2 in seen:
+        pred[:, y1:y2, x1:x2].addcmul_(score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2])
+
+
 @torch.no_grad()
 def slide_inference(
     inputs: torch.Tensor,
@@ -188,19 +198,9 @@ def slide_inference(
             raise ValueError(
                 f"slide_inference: model returned {scores.shape[1]} channels, expected {preds.shape[1]}"
             )
-        for score, (b, i) in zip(scores, chunk):
-            oy, ox = boxes[i][0], boxes[i][2]
-            (y1, y2, x1, x2), seen = plan[i]
-            torch.mul(
-                score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox],
-                weight[y1:y2, x1:x2],
-                out=preds[b, :, y1:y2, x1:x2],
-            )
-            for y1, y2, x1, x2 in seen:
-                preds[b, :, y1:y2, x1:x2].addcmul_(
-                    score[:, y1 - oy : y2 - oy, x1 - ox : x2 - ox], weight[y1:y2, x1:x2]
-                )
-        del crops, scores
+        for j, (b, i) in enumerate(chunk):
+            _add_crop(preds[b], scores[j], boxes[i], plan[i], weight)
+        del crops, scores  # before the next model call: they hold a whole batch of full-resolution scores
     for _ in range(n_calls, num_max_forward):
         dummy = inputs.new_zeros(min(crop_batch_size, len(jobs)), inputs.shape[1], *crop_hw)
         segmentation_model.predict(dummy, rescale_to=crop_hw)
