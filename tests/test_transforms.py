@@ -137,7 +137,9 @@ def test_geometry_property(h, w, img_size, crop, lo, hi, seed):
     assert out_img.shape == (3, crop, crop) and out_lab.shape == (crop, crop)
     assert set(out_lab.unique().tolist()) <= set(label.unique().tolist()) | {255}
     valid = out_lab != 255
-    if valid.sum() > 20:
+    # Colour decoding only identifies 8-px blocks that survive the resize: below half scale, antialiasing blends
+    # neighbouring blocks and the colour check says nothing about alignment (the shape/value checks above still hold).
+    if valid.sum() > 20 and img_size * lo >= 0.5 * min(h, w):
         assert (_decode(out_img) == out_lab)[valid].float().mean() > 0.8
 
 
