@@ -107,3 +107,26 @@ def test_eval_fields():
 def test_precision_sets_the_autocast_dtype(name, dtype):
     c = cfg(f"precision={name}")
     assert build_model(c, 5).autocast_dtype == AUTOCAST_DTYPES[c.precision] == dtype
+
+
+def test_adapter_fields():
+    base = ["decoder_head.type=m2f", "decoder_head.hidden_dim=32", "decoder_head.m2f.num_queries=4",
+            "decoder_head.m2f.nheads=2", "decoder_head.m2f.dim_feedforward=32", "decoder_head.m2f.enc_layers=1",
+            "decoder_head.m2f.dec_layers=1", "decoder_head.m2f.pixel_decoder_nheads=2",
+            "decoder_head.backbone_out_layers=FOUR_EVEN_INTERVALS"]
+    a = "decoder_head.m2f.adapter."
+    model = build_model(cfg(*base, a + "conv_inplane=8", a + "n_points=2", a + "deform_num_heads=4",
+                            a + "drop_path_rate=0.1", a + "cffn_ratio=0.5", a + "deform_ratio=0.25",
+                            a + "with_cp=false"), 5)
+    sd = model.state_dict()
+    p = "segmentation_model.0."
+    assert sd[p + "spm.stem.0.weight"].shape[0] == 8  # conv_inplane
+    # sampling offsets: heads x levels(1) x points x 2; value projection: deform_ratio * embed_dim
+    assert sd[p + "interactions.0.extractor.attn.sampling_offsets.weight"].shape[0] == 4 * 1 * 2 * 2
+    assert sd[p + "interactions.0.extractor.attn.value_proj.weight"].shape[0] == 8
+    assert sd[p + "interactions.0.extractor.ffn.fc1.weight"].shape[0] == 16  # cffn_ratio * 32
+    extractor = model.segmentation_model[0].interactions[0].extractor
+    assert extractor.drop_path.drop_prob == 0.1 and extractor.with_cp is False
+    lean = build_model(cfg(*base, a + "with_cffn=false", a + "use_extra_extractor=false"), 5).state_dict()
+    assert not any(".ffn." in k for k in lean) and not any("extra_extractors" in k for k in lean)
+    assert any("extra_extractors" in k for k in sd)

@@ -61,7 +61,23 @@ class DatasetConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """ViT-Adapter options (defaults: the official adapter; changing shapes breaks official checkpoints)."""
+
+    conv_inplane: int = 64  # spatial prior module width
+    n_points: int = 4  # deformable sampling points per head and level
+    deform_num_heads: int = 16
+    drop_path_rate: float = 0.3  # stochastic depth of the extractor FFNs (training only)
+    with_cffn: bool = True  # the ConvFFN after each extractor
+    cffn_ratio: float = 0.25
+    deform_ratio: float = 0.5  # value projection width / embed_dim in the extractors
+    use_extra_extractor: bool = True  # two more extractors on the last interaction
+    with_cp: bool = True  # gradient checkpointing of the extractors (less memory, more compute)
+
+
+@dataclass
 class M2FConfig:
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     num_queries: int = 100
     nheads: int = 16
     dim_feedforward: int = 4096

@@ -57,6 +57,7 @@ def build_model(cfg: DictConfig, num_classes: int, backbone=None):
     options = {}
     if head.type == "m2f":
         options = OmegaConf.to_container(head.m2f, resolve=True)
+        options.update(options.pop("adapter"))
     return build_segmentation_decoder(
         backbone,
         backbone_out_layers=head.backbone_out_layers,
