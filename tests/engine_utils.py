@@ -53,3 +53,34 @@ def cli_env():
 def run_cli(args, timeout=300, **kwargs):
     return subprocess.run([sys.executable, "-m", "dinoseg.cli", *args], capture_output=True, text=True,
                           env=cli_env(), timeout=timeout, cwd=REPO, **kwargs)
+
+
+def read_checkpoint(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def kill_and_resume(make_args, tmp_path, total: int, checkpoint_name: str = "checkpoint_last.pth"):
+    """Run `make_args(out)` uninterrupted; run it again, SIGKILL it after its first checkpoint, resume it.
+
+    Returns (uninterrupted checkpoint, resumed checkpoint) for the caller to compare.
+    """
+    import signal
+    import time
+
+    reference = run_cli(make_args(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *make_args(out)], env=cli_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while not (out / checkpoint_name).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert (out / checkpoint_name).exists(), "no checkpoint was written"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert read_checkpoint(out / checkpoint_name)["iteration"] < total, "the run finished before it could be killed"
+    resumed = run_cli(make_args(out) + ["train.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return read_checkpoint(tmp_path / "ref" / checkpoint_name), read_checkpoint(out / checkpoint_name)

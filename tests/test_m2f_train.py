@@ -2,22 +2,17 @@
 run that learns the synthetic set, and kill-and-resume equality."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from dinoseg.eval.segmentation.checkpointer import LAST
 from dinoseg.eval.segmentation.config import load_config
 from dinoseg.eval.segmentation.m2f_loss import Mask2FormerLoss
 from dinoseg.eval.segmentation.models.backbone.dinov3_adapter import DropPath
 from dinoseg.eval.segmentation.setup import build_model
 from dinoseg.eval.segmentation.train import build_criterion, compute_loss, set_train_mode
 
-from .engine_utils import REPO, TINY, cli_env, run_cli, tiny
+from .engine_utils import TINY, kill_and_resume, run_cli, tiny
 
 NUM_CLASSES = 6  # synthetic default; chance mIoU ~ 1/6
 # A tiny ViT-Adapter + Mask2Former on the tiny ViT of the linear engine tests.
@@ -159,23 +154,6 @@ def test_short_cli_training_beats_chance(tmp_path):
     assert results["mIoU"] > 0.5, results["mIoU"]
 
 
-def _wait_for(path, proc, timeout=120):
-    import time
-
-    start = time.time()
-    while time.time() - start < timeout:
-        if path.exists():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    return False
-
-
-def _read(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_m2f_head(tmp_path):
     """SIGKILL a real M2F training after its first checkpoint, resume it: the same head as an uninterrupted run.
@@ -190,27 +168,7 @@ def test_kill_and_resume_gives_the_same_m2f_head(tmp_path):
             out, total_iter=total, eval_interval=8, checkpoint_interval=4, extra=["eval.max_val_samples=2"]
         )
 
-    reference = run_cli(args(tmp_path / "ref"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dinoseg.cli", *args(out)],
-        env=cli_env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    assert _wait_for(out / LAST, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _read(out / LAST)["iteration"]
-    assert killed_at < total, "the run finished before it could be killed"
-
-    resumed = run_cli(args(out) + ["train.resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _read(tmp_path / "ref" / LAST), _read(out / LAST)
+    a, b = kill_and_resume(args, tmp_path, total)
     assert a["iteration"] == b["iteration"] == total
     assert set(a["model"]) == set(b["model"])
     assert any(k.startswith(ADAPTER) for k in a["model"]) and not any(k.startswith(BACKBONE) for k in a["model"])

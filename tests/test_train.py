@@ -1,7 +1,4 @@
 import json
-import os
-import signal
-import time
 
 import pytest
 import torch
@@ -9,11 +6,7 @@ import torch
 from dinoseg.cli import main
 from dinoseg.eval.segmentation.checkpointer import BEST, LAST
 
-from .engine_utils import run_cli, tiny
-
-
-def _read(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+from .engine_utils import kill_and_resume, read_checkpoint, tiny
 
 
 def test_train_then_eval_then_predict(tmp_path, capsys):
@@ -22,7 +15,7 @@ def test_train_then_eval_then_predict(tmp_path, capsys):
     for name in ("segmentation_config.yaml", LAST, BEST, "metrics.jsonl", "results-semantic-segmentation.csv",
                  "results-semantic-segmentation.json"):
         assert (out / name).exists(), name
-    ckpt = _read(out / LAST)
+    ckpt = read_checkpoint(out / LAST)
     assert ckpt["iteration"] == 40
     # Head only: the frozen backbone is never written.
     assert set(ckpt["model"]) == {f"segmentation_model.1.{k}" for k in
@@ -62,43 +55,16 @@ def test_train_then_eval_then_predict(tmp_path, capsys):
     assert Image.open(pred_dir / "b_label.png").mode == "L"
 
 
-def _wait_for_checkpoint(path, proc, timeout=120):
-    start = time.time()
-    while time.time() - start < timeout:
-        if path.exists():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.slow
 def test_kill_and_resume_gives_the_same_head(tmp_path):
     """Kill a real training process after its first checkpoint, resume it, compare with an uninterrupted run."""
     total = 60
-    args = lambda out: ["train", *tiny(out, total_iter=total, eval_interval=30, checkpoint_interval=10,
-                                       extra=["eval.max_val_samples=2"])]
-    reference = run_cli(args(tmp_path / "ref"))
-    assert reference.returncode == 0, reference.stderr[-2000:]
 
-    import subprocess
-    import sys
+    def args(out):
+        return ["train", *tiny(out, total_iter=total, eval_interval=30, checkpoint_interval=10,
+                               extra=["eval.max_val_samples=2"])]
 
-    from .engine_utils import REPO, cli_env
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *args(out)], env=cli_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    assert _wait_for_checkpoint(out / LAST, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _read(out / LAST)["iteration"]
-    assert killed_at < total, "the run finished before it could be killed"
-
-    resumed = run_cli(args(out) + ["train.resume=true"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _read(tmp_path / "ref" / LAST), _read(out / LAST)
+    a, b = kill_and_resume(args, tmp_path, total)
     assert a["iteration"] == b["iteration"] == total
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -115,8 +81,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 
     base = tiny(tmp_path / "r", total_iter=4)
     assert "root" in error_of(["train", *base, "datasets.train=ADE20K:split=TRAIN:root=/nonexistent/ade"])
-    assert "/missing/w.pth: checkpoint file not found" in error_of(
-        ["train", *base, "model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", "model.pretrained_weights=/missing/w.pth"])
+    missing_weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}",
+                       "model.pretrained_weights=/missing/w.pth"]
+    assert "/missing/w.pth: checkpoint file not found" in error_of(["train", *base, *missing_weights])
     assert "train.bach_size" in error_of(["train", *base, "train.bach_size=2"])
     assert "precision" in error_of(["train", *base, "precision=float8"])
     assert "eval.eval_interval=9" in error_of(["train", *base, "eval.eval_interval=9"])
@@ -142,7 +109,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
     assert main(["train", *tiny(out, total_iter=20, checkpoint_interval=5)]) == 2
     err = capsys.readouterr().err
     assert "loss is nan at iteration 6" in err and str(out / LAST) in err
-    ckpt = _read(out / LAST)
+    ckpt = read_checkpoint(out / LAST)
     assert ckpt["iteration"] == 5 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
 
 
@@ -157,7 +124,7 @@ def test_released_segmentor_by_name_is_looked_up_locally(tmp_path, monkeypatch, 
 def test_bfloat16_training_on_cpu_and_float16_refused(tmp_path, capsys):
     out = tmp_path / "bf16"
     assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3), "precision=bfloat16"]) == 0
-    ckpt = _read(out / LAST)
+    ckpt = read_checkpoint(out / LAST)
     assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["model"].values())  # master weights stay fp32
     assert main(["train", *tiny(tmp_path / "fp16", total_iter=3), "precision=float16"]) == 2
     assert "precision=float16 needs CUDA" in capsys.readouterr().err
