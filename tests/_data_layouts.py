@@ -113,7 +113,8 @@ def make_folder(root: Path, stems=("a", "b", "c"), num_classes: int = 3, classes
         masks[stem] = mask
     names = [f"thing{i}" for i in range(num_classes)]
     if classes_file == "json":
-        (root / "classes.json").write_text(json.dumps({"classes": names, "palette": [[i * 40, 0, 0] for i in range(num_classes)]}))
+        palette = [[i * 40, 0, 0] for i in range(num_classes)]
+        (root / "classes.json").write_text(json.dumps({"classes": names, "palette": palette}))
     elif classes_file == "yaml":
         (root / "classes.yaml").write_text("classes:\n" + "".join(f"  - {n}\n" for n in names))
     return masks

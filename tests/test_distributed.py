@@ -20,7 +20,8 @@ def _torchrun(args, timeout=300):
 def test_two_process_training_and_sharded_evaluation(tmp_path):
     out = tmp_path / "ddp"
     # 7 validation images: the shards are uneven, and no image may be counted twice.
-    common = tiny(out, total_iter=6, checkpoint_interval=3, extra=["datasets.val=Synthetic:split=VAL:num_samples=7:image_size=64"])
+    val = "datasets.val=Synthetic:split=VAL:num_samples=7:image_size=64"
+    common = tiny(out, total_iter=6, checkpoint_interval=3, extra=[val])
     trained = _torchrun(["train", *common])
     assert trained.returncode == 0, trained.stderr[-3000:]
     ckpt = torch.load(out / LAST, map_location="cpu", weights_only=True)

@@ -160,7 +160,8 @@ def format_report(report: CheckReport, max_problems: int = 50) -> str:
         total = labelled + report.ignore_pixels
         share = 100.0 * report.ignore_pixels / total if total else 0.0
         lines.append(
-            f"Per-class pixel histogram of the {report.num_usable} samples without problems: {labelled:,} labelled pixels, {report.ignore_pixels:,} ignored "
+            f"Per-class pixel histogram of the {report.num_usable} samples without problems: "
+            f"{labelled:,} labelled pixels, {report.ignore_pixels:,} ignored "
             f"(value {report.ignore_index}, {share:.2f}%)"
         )
         width = max([len(n) for n in report.class_names] + [5])
