@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/dinoseg demo
 
 test: $(STAMP)
+	$(BIN)/ruff check dinoseg tests benchmarks hubconf.py
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
