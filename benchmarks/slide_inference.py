@@ -11,15 +11,20 @@ and prints the ratios to the bare model (target <= 1.05) and the peak memory of 
 (RSS, sampled every 2 ms from /proc/self/statm) above the RSS before the call.
 
 Timings are the minimum over `--repeats` interleaved runs (other processes on a shared machine only ever add
-time). On CPU virtual machines first-touching freshly allocated memory is expensive (the 1.2 GiB result at
-1024x2048 costs 0.3-2 s here, depending on what the host has reclaimed), which is what separates the two
-slide columns; the script prints that cost too.
+time). Because such interference can still differ between the runs compared, the "in-run" columns also give,
+for the same slide runs, total time / time spent inside the model's `predict` (median over runs): the
+orchestration overhead measured without comparing separate runs.
+
+On CPU virtual machines first-touching freshly allocated memory is expensive (the 1.2 GiB result at 1024x2048
+costs 0.3-2 s here, depending on what the host has reclaimed), which is what separates the two slide columns;
+the "alloc s" column is that cost alone.
 
     .venv/bin/python benchmarks/slide_inference.py [--repeats 3] [--crop-batch-size 8] [--device cpu]
 """
 
 import argparse
 import os
+import statistics
 import threading
 import time
 
@@ -91,18 +96,43 @@ def measure(fn, device: torch.device):
     return elapsed, rss.used
 
 
-def make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options) -> dict:
-    """The timed callables (bare model, slide, slide into `out`, first touch of a result), each with its results."""
+class TimedPredict(torch.nn.Module):
+    """Wraps a segmentor and adds up the wall time spent in its `predict`."""
+
+    def __init__(self, segmentor: torch.nn.Module):
+        super().__init__()
+        self.segmentor = segmentor
+        self.seconds = 0.0
+
+    def predict(self, x, rescale_to):
+        start = time.perf_counter()
+        out = self.segmentor.predict(x, rescale_to=rescale_to)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options, in_run: dict) -> dict:
+    """The timed callables (bare model, slide, slide into `out`, first touch of a result), each with its results.
+    The slide runs also append their in-model seconds to `in_run[name]`."""
+    timed = TimedPredict(segmentor)
 
     def bare():
         for batch in batches:
             segmentor.predict(batch, rescale_to=crop_hw)
 
+    def run_slide(name, **extra):
+        timed.seconds = 0.0
+        start = time.perf_counter()
+        slide_inference(x, timed, crop, stride, **options, **extra)
+        in_run.setdefault(name, []).append((time.perf_counter() - start) / timed.seconds)
+
     def slide():
-        slide_inference(x, segmentor, crop, stride, **options)
+        run_slide("slide")
 
     def slide_out():
-        slide_inference(x, segmentor, crop, stride, out=out, **options)
+        run_slide("slide_out", out=out)
 
     def first_touch():  # what a fresh result costs by itself: allocate and write it once
         torch.empty_like(out).fill_(0)
@@ -111,9 +141,7 @@ def make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options) -> dic
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="512x683,1024x2048", help="comma-separated HxW input sizes")
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--stride", type=int, default=341)
@@ -126,9 +154,7 @@ def main():
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = DinoVisionTransformer(**VITS16)
-    segmentor = (
-        build_segmentation_decoder(backbone, "LAST", "linear", num_classes=args.num_classes).to(device).eval()
-    )
+    segmentor = build_segmentation_decoder(backbone, "LAST", "linear", num_classes=args.num_classes).to(device).eval()
     crop, stride = (args.crop, args.crop), (args.stride, args.stride)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
 
@@ -143,8 +169,8 @@ def main():
     )
     memory_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (sampled)"
     print(
-        f"{'input':>10} {'crops':>5} {'model s':>8} {'slide s':>8} {'ratio':>6} {'slide+out s':>11} {'ratio':>6}"
-        f" {'model MiB':>9} {'slide MiB':>9} {'+out MiB':>8} {'alloc s':>7}"
+        f"{'input':>10} {'crops':>5} {'model s':>8} {'slide s':>8} {'ratio':>6} {'in-run':>6} {'slide+out s':>11}"
+        f" {'ratio':>6} {'in-run':>6} {'model MiB':>9} {'slide MiB':>9} {'+out MiB':>8} {'alloc s':>7}"
     )
     with torch.no_grad():
         for height, width in sizes:
@@ -156,18 +182,22 @@ def main():
             out = torch.empty(1, args.num_classes, height, width, device=device)
             options = {"crop_batch_size": args.crop_batch_size, "n_output_channels": args.num_classes}
 
-            runs = make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options)
+            in_run = {}
+            runs = make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options, in_run)
             for fn in runs:  # warm-up (allocator, kernels)
                 fn()
+            in_run.clear()
             for _ in range(args.repeats):  # interleaved, so that drifts hit all alike
                 for fn, results in runs.items():
                     results.append(measure(fn, device))
             (t_bare, m_bare), (t_slide, m_slide), (t_out, m_out), (t_alloc, _) = (
                 (min(t for t, _ in r), max(m for _, m in r) / 2**20) for r in runs.values()
             )
+            r_slide, r_out = (statistics.median(in_run[k]) for k in ("slide", "slide_out"))
             print(
                 f"{height:>4}x{width:<5} {len(boxes):>5} {t_bare:>8.3f} {t_slide:>8.3f} {t_slide / t_bare:>6.3f} "
-                f"{t_out:>11.3f} {t_out / t_bare:>6.3f} {m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f}",
+                f"{r_slide:>6.3f} {t_out:>11.3f} {t_out / t_bare:>6.3f} {r_out:>6.3f} "
+                f"{m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f}",
                 flush=True,
             )
     print(
