@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 
 from dinoseg.eval.segmentation.metrics import (
     SEGMENTATION_METRICS,
+    SUMMARY_NAMES,
     SegmentationMetrics,
     calculate_intersect_and_union,
     calculate_segmentation_metrics,
@@ -17,6 +18,10 @@ from .conftest import load_fixture
 
 SUMMARY = {"mIoU": "mIoU", "acc": "mAcc", "aAcc": "aAcc", "dice": "mDice", "fscore": "mFscore",
            "precision": "mPrecision", "recall": "mRecall"}  # fmt: skip
+
+
+def test_summary_names_map_official_keys():
+    assert SUMMARY_NAMES == SUMMARY and set(SUMMARY) == set(SEGMENTATION_METRICS)
 
 
 @pytest.mark.parametrize("reduce_zero_label", [False, True])
@@ -57,9 +62,7 @@ def test_out_of_range_values_raise():
     with pytest.raises(ValueError, match="prediction value 9"):
         calculate_intersect_and_union(torch.tensor([9, 0]), torch.tensor([1, 0]), 7)
     with pytest.raises(ValueError, match="shape"):
-        calculate_intersect_and_union(
-            torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 7
-        )
+        calculate_intersect_and_union(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 7)
 
 
 def test_known_small_case_with_nan_classes():

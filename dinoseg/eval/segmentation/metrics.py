@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 __all__ = [
     "SEGMENTATION_METRICS",
+    "SUMMARY_NAMES",
     "SegmentationMetrics",
     "calculate_intersect_and_union",
     "calculate_segmentation_metrics",
@@ -22,17 +23,16 @@ __all__ = [
 
 # Keys of `calculate_segmentation_metrics`, as in the official code.
 SEGMENTATION_METRICS = ["mIoU", "acc", "aAcc", "dice", "fscore", "precision", "recall"]
-# Keys of `SegmentationMetrics.compute`, same quantities.
-_SUMMARY_NAMES = {"mIoU": "mIoU", "acc": "mAcc", "aAcc": "aAcc", "dice": "mDice", "fscore": "mFscore",
-                  "precision": "mPrecision", "recall": "mRecall"}  # fmt: skip
+# Official key -> key of `SegmentationMetrics.compute` (same quantities).
+SUMMARY_NAMES = {"mIoU": "mIoU", "acc": "mAcc", "aAcc": "aAcc", "dice": "mDice", "fscore": "mFscore",
+                 "precision": "mPrecision", "recall": "mRecall"}  # fmt: skip
+_SUMMARY_NAMES = SUMMARY_NAMES  # former private name, still imported by callers
 
 
 def preprocess_nonzero_labels(label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """`reduce_zero_label`: label 0 becomes `ignore_index`, every other label `l` becomes `l - 1`."""
     label = label.long()
-    return torch.where(
-        (label == 0) | (label == ignore_index), torch.full_like(label, ignore_index), label - 1
-    )
+    return torch.where((label == 0) | (label == ignore_index), torch.full_like(label, ignore_index), label - 1)
 
 
 def calculate_intersect_and_union(
@@ -104,9 +104,7 @@ def calculate_segmentation_metrics(pre_eval_results, beta: float = 1.0) -> dict[
     return {k: v.nanmean() for k, v in total_area_to_metrics(areas, beta).items()}
 
 
-def format_per_class_table(
-    per_class: dict[str, torch.Tensor], class_names: Sequence[str] | None = None, digits: int = 2
-) -> str:
+def format_per_class_table(per_class: dict[str, torch.Tensor], class_names: Sequence[str] | None = None, digits: int = 2) -> str:
     """Plain-text table, one row per class, values in percent ("nan" where a class is absent)."""
     columns = [k for k in ("mIoU", "acc", "dice", "fscore", "precision", "recall") if k in per_class]
     titles = {"mIoU": "IoU", "acc": "Acc", "dice": "Dice", "fscore": "Fscore", "precision": "Precision",
@@ -169,9 +167,7 @@ class SegmentationMetrics:
             raise RuntimeError("SegmentationMetrics.update() after all_reduce(): call reset() first")
         if pred.is_floating_point():
             if pred.ndim != label.ndim + 1:
-                raise ValueError(
-                    f"scores {tuple(pred.shape)} need labels with one dim less, got {tuple(label.shape)}"
-                )
+                raise ValueError(f"scores {tuple(pred.shape)} need labels with one dim less, got {tuple(label.shape)}")
             pred = pred.argmax(dim=1)
         areas = calculate_intersect_and_union(
             pred,
@@ -189,9 +185,7 @@ class SegmentationMetrics:
     def all_reduce(self) -> None:
         """Sum the areas (and sample counts) of all processes, once; a no-op without torch.distributed."""
         if self._reduced:
-            raise RuntimeError(
-                "SegmentationMetrics.all_reduce() called twice: samples would be counted again"
-            )
+            raise RuntimeError("SegmentationMetrics.all_reduce() called twice: samples would be counted again")
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             counts = torch.cat([self.areas.flatten(), self.areas.new_tensor([self.num_samples])])
             if dist.get_backend() == "nccl":  # NCCL only reduces CUDA tensors
@@ -208,10 +202,7 @@ class SegmentationMetrics:
         return metrics
 
     def compute(self) -> dict[str, float]:
-        return {
-            _SUMMARY_NAMES[k]: float(v)
-            for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()
-        }
+        return {_SUMMARY_NAMES[k]: float(v) for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()}
 
     def format_table(self, digits: int = 2) -> str:
         return format_per_class_table(self.per_class(), self.class_names, digits)
