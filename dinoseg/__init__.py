@@ -7,10 +7,20 @@ Public names follow the official DINOv3 code, so `from dinoseg import build_segm
 from .data import DatasetError, InfiniteDataloader, make_data_loader, make_dataset
 from .data.datasets import ADE20K, Cityscapes, ImageMaskFolder, PascalVOC, SyntheticShapes
 from .eval.segmentation.config import SegmentationConfig, load_config
-from .eval.segmentation.inference import make_inference, make_tta_inference, slide_inference
+from .eval.segmentation.inference import (
+    make_inference,
+    make_tta_inference,
+    mask_classification_to_semantic,
+    slide_inference,
+    tta_image_size,
+)
 from .eval.segmentation.loss import MultiSegmentationLoss
 from .eval.segmentation.m2f_loss import HungarianMatcher, Mask2FormerLoss, SetCriterion
-from .eval.segmentation.metrics import SegmentationMetrics, calculate_intersect_and_union
+from .eval.segmentation.metrics import (
+    SegmentationMetrics,
+    calculate_intersect_and_union,
+    calculate_segmentation_metrics,
+)
 from .eval.segmentation.models import FeatureDecoder, build_segmentation_decoder
 from .eval.segmentation.models.backbone.dinov3_adapter import DINOv3_Adapter
 from .eval.segmentation.models.heads.linear_head import LinearHead
@@ -59,6 +69,7 @@ __all__ = [
     "Weights",
     "build_segmentation_decoder",
     "calculate_intersect_and_union",
+    "calculate_segmentation_metrics",
     "dinov3_vit7b16",
     "dinov3_vit7b16_ms",
     "dinov3_vitb16",
@@ -75,6 +86,8 @@ __all__ = [
     "make_segmentation_eval_transforms",
     "make_segmentation_train_transforms",
     "make_tta_inference",
+    "mask_classification_to_semantic",
     "ms_deform_attn_core",
     "slide_inference",
+    "tta_image_size",
 ]

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ... import distributed
 from ...data.loaders import make_data_loader
 from .inference import make_tta_inference
-from .metrics import _SUMMARY_NAMES, SEGMENTATION_METRICS, SegmentationMetrics, format_per_class_table
+from .metrics import SEGMENTATION_METRICS, SUMMARY_NAMES, SegmentationMetrics, format_per_class_table
 from .setup import inference_kwargs
 
 logger = logging.getLogger("dinoseg")
@@ -77,7 +77,7 @@ def format_metrics_table(results: dict) -> str:
     per_class = {k: torch.tensor([np.nan if v is None else v for v in vals], dtype=torch.float64)
                  for k, vals in results["per_class"].items() if k != "class_names"}
     table = format_per_class_table(per_class, results["per_class"]["class_names"])
-    summary = "  ".join(f"{k} {100 * results[k]:.2f}" for k in _SUMMARY_NAMES.values() if k in results)
+    summary = "  ".join(f"{k} {100 * results[k]:.2f}" for k in SUMMARY_NAMES.values() if k in results)
     return f"{table}\n{summary}  ({results['num_samples']} images)"
 
 
@@ -90,7 +90,7 @@ def _sample_name(dataset, index: int) -> str:
 def write_results(results: dict, output_dir: Path) -> None:
     """The official one-row CSV of dataset metrics, plus a JSON with every metric and the per-class table."""
     # Official column names (mIoU, acc, aAcc, dice, fscore, precision, recall), fractions as the official code.
-    row = {name: results[_SUMMARY_NAMES[name]] for name in SEGMENTATION_METRICS}
+    row = {name: results[SUMMARY_NAMES[name]] for name in SEGMENTATION_METRICS}
     with open(output_dir / RESULTS_FILENAME, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(list(row))
