@@ -205,6 +205,7 @@ def train_segmentation(cfg: DictConfig) -> dict:
     bar = tqdm(total=total, initial=start_iter, desc="train", disable=rank != 0, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     t0 = time.perf_counter()
+    window: list[float] = []  # losses since the last log line
 
     # 5. The loop.
     for iteration in range(start_iter, total):
@@ -236,10 +237,13 @@ def train_segmentation(cfg: DictConfig) -> dict:
         scheduler.step()
 
         done = iteration + 1
+        window.append(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if done % cfg.train.log_interval == 0 or done == total:
-            log.write(done, loss=loss_value, lr=lr, seconds=time.perf_counter() - t0)
+            # The mean over the logging window: single-batch losses are too noisy to read a curve from.
+            log.write(done, loss=sum(window) / len(window), lr=lr, seconds=time.perf_counter() - t0)
+            window.clear()
 
         if done % cfg.eval.eval_interval == 0 or done == total:
             results = evaluate_segmentation_model(model, val_loader, cfg, num_classes, device, class_names)
