@@ -17,12 +17,11 @@ another process takes a core).
 """
 
 import argparse
-import os
 import statistics
-import threading
 import time
 
 import torch
+from _memory import PeakRSS
 
 from dinoseg.eval.segmentation.inference import slide_inference
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
@@ -42,36 +41,6 @@ VITS16 = dict(
     mask_k_bias=True,
     pos_embed_rope_dtype="fp32",
 )
-
-
-class PeakRSS:
-    """Peak resident set size (bytes) above the value at entry, sampled by a background thread."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.used = self.peak - self.start
 
 
 class DeformTimer:
