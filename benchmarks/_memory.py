@@ -4,6 +4,8 @@ import os
 import threading
 import time
 
+import torch
+
 
 class PeakRSS:
     """Peak resident set size (bytes) above the value at entry, sampled by a background thread."""
@@ -33,3 +35,20 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, self._rss())
         self.used = self.peak - self.start
+
+
+def measure(fn, device: torch.device):
+    """(seconds, peak bytes above the level before the call)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+    return elapsed, rss.used

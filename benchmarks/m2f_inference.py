@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from _memory import PeakRSS
+from _memory import measure
 
 from dinoseg.eval.segmentation.inference import slide_inference
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
@@ -82,23 +82,6 @@ class DeformTimer:
         ms_deform_attn.ms_deform_attn_core, ms_deform_attn.MSDeformAttn.forward = self._saved
 
 
-def run(fn, device: torch.device):
-    """(seconds, peak bytes above the level before the call)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-    return elapsed, rss.used
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="512x683", help="HxW input size")
@@ -151,7 +134,7 @@ def main():
 
         with torch.no_grad():
             infer()  # warm-up
-            runs = [run(infer, device) for _ in range(args.repeats)]
+            runs = [measure(infer, device) for _ in range(args.repeats)]
             with DeformTimer(device) as timer:
                 start = time.perf_counter()
                 infer()

@@ -27,7 +27,7 @@ import statistics
 import time
 
 import torch
-from _memory import PeakRSS
+from _memory import measure
 
 from dinoseg.eval.segmentation.inference import slide_crop_boxes, slide_inference
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
@@ -46,23 +46,6 @@ VITS16 = {
     "mask_k_bias": True,
     "pos_embed_rope_dtype": "fp32",
 }
-
-
-def measure(fn, device: torch.device):
-    """(seconds, peak bytes above the level before the call)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base
-    with PeakRSS() as rss:
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-    return elapsed, rss.used
 
 
 class TimedPredict(torch.nn.Module):
