@@ -6,6 +6,17 @@ from enum import Enum
 import torch
 from torch import nn
 
+FROZEN_BACKBONE = "_dinoseg_frozen_backbone"
+
+
+def freeze_backbone(module: nn.Module) -> nn.Module:
+    """Freeze a backbone (no gradients, eval mode) and mark it, so that checkpoints leave it out and training
+    keeps it in eval mode (see `checkpointer.frozen_prefixes`)."""
+    module.requires_grad_(False)
+    module.eval()
+    setattr(module, FROZEN_BACKBONE, True)
+    return module
+
 
 class BackboneLayersSet(Enum):
     LAST = "LAST"
@@ -44,9 +55,7 @@ class ModelWithIntermediateLayers(nn.Module):
         return_class_token: bool = False,
     ):
         super().__init__()
-        self.feature_model = feature_model
-        self.feature_model.requires_grad_(False)
-        self.feature_model.eval()
+        self.feature_model = freeze_backbone(feature_model)
         self.n = n
         self.autocast_ctx = autocast_ctx
         self.reshape = reshape

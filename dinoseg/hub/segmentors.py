@@ -11,11 +11,10 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..eval.segmentation.models import BackboneLayersSet, FeatureDecoder, build_segmentation_decoder
 from .backbones import ARCHS, DINOV3_BASE_URL, Weights, make_backbone
-from .checkpoint import CheckpointError, load_state_dict_file, load_state_dict_strict, resolve_weights_path
+from .checkpoint import CheckpointError, load_state_dict_file, resolve_weights_path
 
 
 class SegmentorWeights(Enum):
@@ -53,31 +52,15 @@ def _head_location(backbone_name: str, weights, official: bool) -> str:
     return str(weights)
 
 
-def _backbone_prefix(segmentor: nn.Module, backbone: nn.Module) -> str:
-    for name, module in segmentor.named_modules():
-        if module is backbone:
-            return name + "."
-    raise AssertionError("backbone is not a submodule of the segmentor")
-
-
-def load_segmentor_head(
-    segmentor: FeatureDecoder, backbone: nn.Module, location: str, check_hash: bool = False
-) -> FeatureDecoder:
+def load_segmentor_head(segmentor: FeatureDecoder, location: str, check_hash: bool = False) -> FeatureDecoder:
     """Strictly load a head checkpoint (every non-backbone key of the segmentor, official names) by assignment.
 
     The backbone keeps its current weights; a head file that also holds backbone weights is refused.
     """
+    from ..eval.segmentation.checkpointer import load_head_state_dict
+
     state_dict = load_state_dict_file(location, check_hash=check_hash)
-    prefix = _backbone_prefix(segmentor, backbone)
-    stray = [k for k in state_dict if k.startswith(prefix)]
-    if stray:
-        raise CheckpointError(
-            f"{location}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}); pass the "
-            f"backbone separately as backbone_weights"
-        )
-    full = {k: v for k, v in segmentor.state_dict().items() if k.startswith(prefix)}
-    full.update(state_dict)
-    load_state_dict_strict(segmentor, full, source=str(location), assign=True)
+    load_head_state_dict(segmentor, state_dict, source=str(location), assign=True)
     left = [n for n, t in (*segmentor.named_parameters(), *segmentor.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{location}: tensors left uninitialised after loading: {', '.join(left[:5])}")
@@ -103,7 +86,7 @@ def _build(
         )
         with torch.device("meta"):
             segmentor = build_segmentation_decoder(backbone, **decoder_kwargs)
-        load_segmentor_head(segmentor, backbone, head_location)
+        load_segmentor_head(segmentor, head_location)
         return segmentor.to(device) if device is not None else segmentor
     backbone = make_backbone(backbone_name, pretrained=False, device=device, **(backbone_options or {}))
     with torch.device(device) if device is not None else contextlib.nullcontext():

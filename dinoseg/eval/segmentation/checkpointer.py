@@ -10,6 +10,7 @@ from torch import nn
 
 from ... import distributed
 from ...hub.checkpoint import CheckpointError, load_state_dict_file
+from ..utils import FROZEN_BACKBONE
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
@@ -17,11 +18,7 @@ BEST = "checkpoint_best.pth"
 
 def frozen_prefixes(model: nn.Module) -> list[str]:
     """State-dict prefixes of the frozen backbone (never saved: users have its official checkpoint)."""
-    prefixes = []
-    for name, module in model.named_modules():
-        if getattr(module, "_dinoseg_frozen_backbone", False):
-            prefixes.append(name + ".")
-    return prefixes
+    return [name + "." for name, module in model.named_modules() if getattr(module, FROZEN_BACKBONE, False)]
 
 
 def head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -29,9 +26,14 @@ def head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
 
 
-def load_head_state_dict(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Strict on the head: every head key must be present with its shape, and nothing else."""
+def load_head_state_dict(model: nn.Module, state_dict: dict, source: str, assign: bool = False) -> None:
+    """Strict on the head: every head key must be present with its shape, and nothing else (backbone keys
+    included: the frozen backbone keeps its own weights). `assign=True` for a head built on the meta device."""
     skip = tuple(frozen_prefixes(model))
+    stray = [k for k in state_dict if k.startswith(skip)]
+    if stray:
+        raise CheckpointError(f"{source}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}); "
+                              f"the backbone is loaded from its own checkpoint")
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -44,7 +46,7 @@ def load_head_state_dict(model: nn.Module, state_dict: dict, source: str) -> Non
     # The frozen backbone keeps its own weights; the load itself stays strict.
     full = model.state_dict()
     full.update(state_dict)
-    model.load_state_dict(full, strict=True)
+    model.load_state_dict(full, strict=True, assign=assign)
 
 
 def rng_state() -> dict:

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from ...data import DATASETS, make_dataset, parse_dataset_str
 from ...hub.backbones import ARCHS, make_backbone
 from ...models.vision_transformer import DinoVisionTransformer
+from ..utils import freeze_backbone
 from .config import ConfigError, InferenceMode, Precision
 from .models import build_segmentation_decoder
 from .transforms import make_segmentation_eval_transforms, make_segmentation_train_transforms
@@ -45,10 +46,7 @@ def build_backbone(model_cfg: DictConfig) -> DinoVisionTransformer:
                 raise ConfigError(f"model.dino_hub={model_cfg.dino_hub!r}: expected one of {sorted(ARCHS)}")
             backbone = make_backbone(model_cfg.dino_hub, pretrained=weights is not None,
                                      weights=weights if weights else "LVD1689M", **kwargs)
-    backbone.requires_grad_(False)
-    backbone.eval()
-    backbone._dinoseg_frozen_backbone = True  # checkpoints skip it (see checkpointer.frozen_prefixes)
-    return backbone
+    return freeze_backbone(backbone)
 
 
 def build_model(cfg: DictConfig, num_classes: int, backbone=None):

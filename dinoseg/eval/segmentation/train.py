@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ... import distributed
+from ..utils import FROZEN_BACKBONE
 from .checkpointer import (
     BEST,
     LAST,
@@ -64,7 +65,7 @@ def set_train_mode(model: torch.nn.Module) -> None:
     """Head (and adapter) in train mode; the frozen backbone always in eval mode."""
     model.train()
     for module in model.modules():
-        if getattr(module, "_dinoseg_frozen_backbone", False):
+        if getattr(module, FROZEN_BACKBONE, False):
             module.eval()
 
 

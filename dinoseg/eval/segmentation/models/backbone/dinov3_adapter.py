@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint
 
+from dinoseg.eval.utils import freeze_backbone
+
 from ..utils.ms_deform_attn import MSDeformAttn
 
 # The SPM strides of the token levels the extractors query (c2, c3, c4).
@@ -261,9 +263,7 @@ class DINOv3_Adapter(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
-        self.backbone = backbone
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        self.backbone = freeze_backbone(backbone)
         n_blocks = getattr(backbone, "n_blocks", None)
         bad = [i for i in interaction_indexes if n_blocks is not None and not 0 <= i < n_blocks]
         if bad or len(interaction_indexes) == 0:
