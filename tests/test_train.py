@@ -135,3 +135,17 @@ def test_tensorboard_logging(tmp_path):
     out = tmp_path / "tb"
     assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3), "train.tensorboard=true"]) == 0
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_whole_image_mode_eval_and_predict(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3), "eval.mode=whole",
+                 "transforms.eval.img_size=56"]) == 0  # 56 is not a multiple of the patch: rounded up to 64
+    results = json.loads((out / "results-semantic-segmentation.json").read_text())
+    assert results["num_samples"] == 6
+    from PIL import Image
+
+    Image.new("RGB", (50, 37), (10, 200, 10)).save(tmp_path / "x.png")
+    assert main(["predict", str(out / "segmentation_config.yaml"), f"head={out / LAST}",
+                 "--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "pred")]) == 0
+    assert Image.open(tmp_path / "pred" / "x_mask.png").size == (50, 37)

@@ -33,8 +33,10 @@ def make_val_loader(dataset, cfg: DictConfig) -> torch.utils.data.DataLoader:
                             seed=cfg.seed, pad_shards=False)
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+def whole_image_size(image: torch.Tensor, model) -> tuple[int, int]:
+    """Whole-image mode runs at the eval resize, rounded up to the backbone's patch grid."""
+    patch = getattr(model.segmentation_model[0], "patch_size", 16)
+    return tuple(-(-s // patch) * patch for s in image.shape[-2:])
 
 
 @torch.no_grad()
@@ -44,7 +46,6 @@ def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int
     was_training = model.training
     model.eval()
     kwargs = inference_kwargs(cfg)
-    patch = getattr(model, "patch_size", 16)
     metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=255, class_names=class_names, device=device)
     show = progress and distributed.is_main_process()
     for index, (image, label) in zip(loader.sampler, tqdm(loader, desc="eval", disable=not show, leave=False,
@@ -52,8 +53,7 @@ def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int
         image = image.to(device)
         label = label[0].to(device)
         if kwargs["inference_mode"] == "whole":
-            # Whole-image mode runs at the eval resize, rounded up to the patch grid.
-            kwargs["crop_size"] = (_round_up(image.shape[-2], patch), _round_up(image.shape[-1], patch))
+            kwargs["crop_size"] = whole_image_size(image, model)
         probs = make_tta_inference(image, model, rescale_to=tuple(label.shape[-2:]), **kwargs)
         pred = probs.argmax(dim=1)[0]
         metrics.update(pred, label)

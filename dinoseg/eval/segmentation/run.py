@@ -13,7 +13,7 @@ from ... import distributed
 from ...data.io import load_image
 from .checkpointer import LAST, load_head_state_dict, read_head_weights
 from .config import ConfigError
-from .eval import evaluate_segmentation_model, make_val_loader, write_results
+from .eval import evaluate_segmentation_model, make_val_loader, whole_image_size, write_results
 from .inference import make_tta_inference
 from .setup import build_eval_transforms, build_model, build_val_dataset, inference_kwargs
 from .train import prepare_output_dir, train_segmentation
@@ -138,8 +138,7 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num
         image, _ = transform(raw, dummy)
         image = image.unsqueeze(0).to(device)
         if kwargs["inference_mode"] == "whole":
-            patch = 16
-            kwargs["crop_size"] = tuple(-(-s // patch) * patch for s in image.shape[-2:])
+            kwargs["crop_size"] = whole_image_size(image, model)
         probs = make_tta_inference(image, model, rescale_to=tuple(raw.shape[-2:]), **kwargs)
         pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         colour = lut[pred]
