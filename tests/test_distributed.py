@@ -40,3 +40,28 @@ def test_two_process_training_and_sharded_evaluation(tmp_path):
     # The 2-process training's own final validation used the same sharded code path.
     r_train = json.loads((out / "results-semantic-segmentation.json").read_text())
     assert r_train["mIoU"] == r1["mIoU"]
+
+
+def test_ddp_wraps_the_head_only(tmp_path):
+    import torch.distributed as dist
+
+    from dinoseg.distributed import CrossProcessBatchNorm2d
+    from dinoseg.eval.segmentation.config import load_config
+    from dinoseg.eval.segmentation.setup import build_model
+    from dinoseg.eval.segmentation.train import wrap_distributed
+
+    from .engine_utils import TINY
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(load_config([], TINY), num_classes=4)
+        ddp = wrap_distributed(model, torch.device("cpu"))
+        backbone = {n for n, _ in model.named_parameters() if ".feature_model." in n}
+        backbone |= {n for n, _ in model.named_buffers() if ".feature_model." in n}
+        assert backbone and backbone <= set(ddp.parameters_to_ignore)
+        synced = {id(p) for p in ddp._module_parameters}
+        head = {id(p) for p in model.segmentation_model[1].parameters()}
+        assert synced == head  # gradients of the head only are all-reduced
+        assert isinstance(model.segmentation_model[1].batchnorm_layer, CrossProcessBatchNorm2d)
+    finally:
+        dist.destroy_process_group()

@@ -6,13 +6,14 @@ import json
 import pytest
 import torch
 
+from dinoseg.eval.segmentation.checkpointer import LAST
 from dinoseg.eval.segmentation.config import load_config
 from dinoseg.eval.segmentation.m2f_loss import Mask2FormerLoss
 from dinoseg.eval.segmentation.models.backbone.dinov3_adapter import DropPath
 from dinoseg.eval.segmentation.setup import build_model
 from dinoseg.eval.segmentation.train import build_criterion, compute_loss, set_train_mode
 
-from .engine_utils import TINY, kill_and_resume, run_cli, tiny
+from .engine_utils import TINY, kill_and_resume, read_checkpoint, run_cli, tiny
 
 NUM_CLASSES = 6  # synthetic default; chance mIoU ~ 1/6
 # A tiny ViT-Adapter + Mask2Former on the tiny ViT of the linear engine tests.
@@ -175,3 +176,23 @@ def test_kill_and_resume_gives_the_same_m2f_head(tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["best"] == b["best"]
+
+
+def test_m2f_eval_and_predict_from_a_trained_head(tmp_path):
+    from PIL import Image
+
+    from dinoseg.cli import main
+
+    out = tmp_path / "run"
+    assert main(_train_args(out, total_iter=3, extra=["eval.max_val_samples=2"])) == 0
+    ckpt = read_checkpoint(out / LAST)
+    assert any(k.startswith(ADAPTER) for k in ckpt["model"]) and not any(k.startswith(BACKBONE) for k in ckpt["model"])
+    config = str(out / "segmentation_config.yaml")
+    assert main(["eval", config, f"head={out / LAST}", f"output_dir={tmp_path / 'eval'}", "eval.max_val_samples=2",
+                 "eval.use_tta=true", "transforms.eval.tta_ratios=[0.75,1.0]"]) == 0
+    results = json.loads((tmp_path / "eval" / "results-semantic-segmentation.json").read_text())
+    assert results["num_samples"] == 2 and 0.0 <= results["mIoU"] <= 1.0
+    Image.new("RGB", (45, 70), (30, 30, 220)).save(tmp_path / "x.png")
+    assert main(["predict", config, f"head={out / LAST}", "--input", str(tmp_path / "x.png"),
+                 "--output", str(tmp_path / "pred")]) == 0
+    assert Image.open(tmp_path / "pred" / "x_mask.png").size == (45, 70)
