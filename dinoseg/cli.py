@@ -21,13 +21,13 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     return yamls, overrides
 
 
-def _config(items: list[str], default_yaml: str | None = None):
+def _config(items: list[str], default_yaml: str | None = None, require: tuple[str, ...] = ("",)):
     from .eval.segmentation.config import load_config
 
     yamls, overrides = _split(items)
     if not yamls and default_yaml:
         yamls = [default_yaml]
-    return load_config(yamls, overrides)
+    return load_config(yamls, overrides, require=require)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             from .data.check import check_dataset, format_report
             from .eval.segmentation.setup import dataset_descriptor
 
-            cfg = _config(args.config)
+            cfg = _config(args.config, require=("datasets.",))  # weights are not needed to check data
             descriptor = dataset_descriptor(cfg.datasets[args.split], cfg.datasets.root)
             report = check_dataset(make_dataset(descriptor, strict=False), progress=True)
             print(format_report(report))

@@ -85,3 +85,16 @@ def test_check_clean_synthetic_histogram_and_cli_errors(capsys):
     assert main(["Synthetic:split=val:num_samples=4:image_size=32", "--no-progress"]) == 0
     assert main(["NoSuchSet:split=val", "--no-progress"]) == 2
     assert "unknown dataset type 'NoSuchSet'" in capsys.readouterr().err
+
+
+def test_check_data_command_on_a_shipped_recipe(tmp_path, capsys):
+    # The ADE20K recipe needs weights to train, not to check its data: only datasets.* must be given.
+    from dinoseg.cli import main
+
+    from ._data_layouts import make_ade20k
+
+    make_ade20k(tmp_path)
+    assert main(["check-data", "ade20k_linear.yaml", f"datasets.root={tmp_path}", "--split", "val"]) == 0
+    assert "Per-class pixel histogram" in capsys.readouterr().out
+    assert main(["check-data", "ade20k_linear.yaml", "--split", "val"]) == 2
+    assert "datasets.root: required value missing" in capsys.readouterr().err

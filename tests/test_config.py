@@ -35,6 +35,7 @@ def test_defaults_yaml_and_cli_merge_in_order(tmp_path):
         ("scheduler.warmup_iters=40000", "scheduler.warmup_iters"),
         ("eval.stride=0", "eval.stride"),
         ("nonsense", "expected key=value"),
+        ("datasets.root={'a': [1", "value is not valid YAML"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -221,8 +221,12 @@ def _leaf_keys(node, prefix: str = "") -> dict[str, bool]:
     return out
 
 
-def load_config(yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> DictConfig:
-    """Defaults < YAML files (in order) < `key=value` CLI overrides; every key checked against the schema."""
+def load_config(yaml_paths: list[str | Path] = (), overrides: list[str] = (), require: tuple[str, ...] = ("",)
+                ) -> DictConfig:
+    """Defaults < YAML files (in order) < `key=value` CLI overrides; every key checked against the schema.
+
+    `require`: key prefixes whose `???` values must be given (default: all; `dinoseg check-data` needs only
+    `datasets.`)."""
     cfg = OmegaConf.structured(SegmentationConfig)
     layers = []
     for path in yaml_paths:
@@ -238,6 +242,10 @@ def load_config(yaml_paths: list[str | Path] = (), overrides: list[str] = ()) ->
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as e:  # any YAML error in the value
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
     try:
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.merge(cfg, *layers)
@@ -249,6 +257,7 @@ def load_config(yaml_paths: list[str | Path] = (), overrides: list[str] = ()) ->
         keys = _leaf_keys(layer)
         required = (required - {k for k, missing in keys.items() if not missing}) | {
             k for k, missing in keys.items() if missing}
+    required = {k for k in required if k.startswith(tuple(require))}
     if required:
         key = sorted(required)[0]
         raise ConfigError(f"{key}: required value missing (add {key}=... to the command line)")
