@@ -89,8 +89,10 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> d
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # some trainers wrap the weights
+    for wrapper in ("state_dict", "model"):  # trainers (ours, the official segmentation code) wrap the weights
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
     return obj

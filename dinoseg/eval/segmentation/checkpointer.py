@@ -145,15 +145,7 @@ def restore_rng(checkpoint: dict) -> None:
 
 
 def read_head_weights(path: str) -> dict[str, torch.Tensor]:
-    """A head checkpoint for eval/predict: ours ({'model': ...}) or the official `model_final.pth` layout."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: head checkpoint not found") from None
-    except Exception:
-        obj = load_state_dict_file(path)  # safetensors or a readable error
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj
+    """A head checkpoint for eval/predict: ours ({'model': ...}), the official `model_final.pth` or safetensors."""
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: head checkpoint not found")
+    return load_state_dict_file(path)

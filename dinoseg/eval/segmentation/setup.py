@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ...data import DATASETS, make_dataset, parse_dataset_str
-from ...hub.backbones import ARCHS, make_backbone
+from ...hub.backbones import ARCHS, load_backbone_weights, make_backbone
 from ...models.vision_transformer import DinoVisionTransformer
 from ..utils import freeze_backbone
 from .config import ConfigError, InferenceMode, Precision
@@ -35,12 +35,11 @@ def build_backbone(model_cfg: DictConfig) -> DinoVisionTransformer:
     weights = model_cfg.pretrained_weights
     with _seeded(model_cfg.random_init_seed):
         if model_cfg.dino_hub is None:
-            backbone = DinoVisionTransformer(**kwargs)
             if weights:
-                from ...hub.backbones import load_backbone_weights
-
-                backbone = DinoVisionTransformer(**kwargs, device="meta")
+                backbone = DinoVisionTransformer(**kwargs, device="meta")  # weights are assigned, not copied
                 load_backbone_weights(backbone, weights)
+            else:
+                backbone = DinoVisionTransformer(**kwargs)
         else:
             if model_cfg.dino_hub not in ARCHS:
                 raise ConfigError(f"model.dino_hub={model_cfg.dino_hub!r}: expected one of {sorted(ARCHS)}")
