@@ -7,6 +7,7 @@ Loading is strict: one :class:`CheckpointError` names the file and the missing /
 """
 
 import contextlib
+import inspect
 from enum import Enum
 from pathlib import Path
 
@@ -204,33 +205,12 @@ def _make_dinov3_linear_segmentor(
 
 
 def _linear_hub_function(backbone_name: str):
-    def fn(
-        *,
-        pretrained: bool = True,
-        weights: str | None = None,
-        backbone_weights: Weights | str = Weights.LVD1689M,
-        backbone_out_layers: BackboneLayersSet | str = BackboneLayersSet.LAST,
-        num_classes: int = 150,
-        use_cls_token: bool = False,
-        check_hash: bool = False,
-        autocast_dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        backbone_options: dict | None = None,
-    ) -> FeatureDecoder:
-        return _make_dinov3_linear_segmentor(
-            backbone_name,
-            pretrained=pretrained,
-            weights=weights,
-            backbone_weights=backbone_weights,
-            backbone_out_layers=backbone_out_layers,
-            num_classes=num_classes,
-            use_cls_token=use_cls_token,
-            check_hash=check_hash,
-            autocast_dtype=autocast_dtype,
-            device=device,
-            backbone_options=backbone_options,
-        )
+    def fn(**kwargs) -> FeatureDecoder:
+        return _make_dinov3_linear_segmentor(backbone_name, **kwargs)
 
+    # help() and torch.hub.help show the real keyword arguments.
+    signature = inspect.signature(_make_dinov3_linear_segmentor)
+    fn.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
     fn.__name__ = fn.__qualname__ = f"{backbone_name}_ade20k_linear"
     fn.__doc__ = (
         f"Linear ADE20K segmentor on the DINOv3 {ARCHS[backbone_name][0]} backbone. `weights`: a linear head "

@@ -26,7 +26,6 @@ SEGMENTATION_METRICS = ["mIoU", "acc", "aAcc", "dice", "fscore", "precision", "r
 # Official key -> key of `SegmentationMetrics.compute` (same quantities).
 SUMMARY_NAMES = {"mIoU": "mIoU", "acc": "mAcc", "aAcc": "aAcc", "dice": "mDice", "fscore": "mFscore",
                  "precision": "mPrecision", "recall": "mRecall"}  # fmt: skip
-_SUMMARY_NAMES = SUMMARY_NAMES  # former private name, still imported by callers
 
 
 def preprocess_nonzero_labels(label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -202,7 +201,7 @@ class SegmentationMetrics:
         return metrics
 
     def compute(self) -> dict[str, float]:
-        return {_SUMMARY_NAMES[k]: float(v) for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()}
+        return {SUMMARY_NAMES[k]: float(v) for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()}
 
     def format_table(self, digits: int = 2) -> str:
         return format_per_class_table(self.per_class(), self.class_names, digits)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ... import distributed
-from ...data.io import load_image
+from ...data.io import DatasetError, load_image
 from .checkpointer import LAST, load_head_state_dict, read_head_weights
 from .config import ConfigError
 from .eval import evaluate_segmentation_model, make_val_loader, whole_image_size, write_results
@@ -92,11 +92,12 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
 
 
 def _dataset_palette(cfg: DictConfig):
+    # Predicting needs no dataset: when the configured one is not on this machine, colours are generated.
     try:
         dataset = build_val_dataset(cfg)
-        return getattr(dataset, "palette", None), getattr(dataset, "class_names", None)
-    except Exception:
+    except (DatasetError, FileNotFoundError):
         return None, None
+    return getattr(dataset, "palette", None), getattr(dataset, "class_names", None)
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
