@@ -4,7 +4,8 @@ A ViT-S/16-sized backbone (embed 384, depth 12, 6 heads, MLP, 4 storage tokens; 
 150-class linear head, crop 512, stride 341. For each input size it times
   - slide:     `slide_inference(x, segmentor, crop, stride, crop_batch_size, n_output_channels)` (crop, batch,
                predict, accumulate) returning a freshly allocated [1, 150, H, W] float32 result,
-  - slide+out: the same, writing into a reused `out` tensor (as an eval loop over same-size images can),
+  - slide+buf: the same, taking the accumulator from an `AccumulatorBuffer` kept across calls (what dinoseg's
+               eval and predict loops do),
   - model:     `segmentor.predict` over the same crops, pre-stacked in the same batches, outputs discarded,
 and prints the ratios to the bare model (target <= 1.05) and the peak memory of each: on CUDA
 `torch.cuda.max_memory_allocated` above the memory in use before the call; on CPU the peak resident set size
@@ -17,9 +18,13 @@ orchestration overhead measured without comparing separate runs.
 
 On CPU virtual machines first-touching freshly allocated memory is expensive (the 1.2 GiB result at 1024x2048
 costs 0.3-2 s here, depending on what the host has reclaimed), which is what separates the two slide columns;
-the "alloc s" column is that cost alone.
+the "alloc s" column is that cost alone. A last line says whether the kernel reports freed memory to the host
+(/sys/module/page_reporting, as virtual machines with free page reporting do): memory freed by one call then has
+to be supplied by the host again when the next call allocates.
 
-    .venv/bin/python benchmarks/slide_inference.py [--repeats 3] [--crop-batch-size 8] [--device cpu]
+Cheap sizes get more rounds (at least `--min-seconds` of timed runs), as their minimum is noisier.
+
+    .venv/bin/python benchmarks/slide_inference.py [--repeats 5] [--crop-batch-size 8] [--device cpu]
 """
 
 import argparse
@@ -29,7 +34,7 @@ import time
 import torch
 from _memory import measure
 
-from dinoseg.eval.segmentation.inference import slide_crop_boxes, slide_inference
+from dinoseg.eval.segmentation.inference import AccumulatorBuffer, slide_crop_boxes, slide_inference
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
@@ -65,10 +70,26 @@ class TimedPredict(torch.nn.Module):
         return out
 
 
-def make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options, in_run: dict) -> dict:
-    """The timed callables (bare model, slide, slide into `out`, first touch of a result), each with its results.
-    The slide runs also append their in-model seconds to `in_run[name]`."""
+PAGE_REPORTING = "/sys/module/page_reporting/parameters"
+
+
+def page_reporting() -> str | None:
+    """How this kernel reports freed memory to its host, or None where it does not."""
+    try:
+        with open(f"{PAGE_REPORTING}/reported_kib") as f:
+            reported = int(f.read()) / 2**20
+        with open(f"{PAGE_REPORTING}/page_reporting_order") as f:
+            order = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return f"free blocks of {4 << order} KiB and more, {reported:.0f} GiB so far"
+
+
+def make_runs(segmentor, x, batches, crop_hw, crop, stride, result_shape, options, in_run: dict) -> dict:
+    """The timed callables (bare model, slide, slide with a kept buffer, first touch of a result), each with its
+    results. The slide runs also append their total / in-model seconds to `in_run[name]`."""
     timed = TimedPredict(segmentor)
+    buffer = AccumulatorBuffer()
 
     def bare():
         for batch in batches:
@@ -83,13 +104,13 @@ def make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options, in_run
     def slide():
         run_slide("slide")
 
-    def slide_out():
-        run_slide("slide_out", out=out)
+    def slide_buffer():
+        run_slide("slide_buffer", buffer=buffer)
 
     def first_touch():  # what a fresh result costs by itself: allocate and write it once
-        torch.empty_like(out).fill_(0)
+        torch.empty(result_shape, device=x.device).fill_(0)
 
-    return {fn: [] for fn in (bare, slide, slide_out, first_touch)}
+    return {fn: [] for fn in (bare, slide, slide_buffer, first_touch)}
 
 
 def main():
@@ -99,7 +120,8 @@ def main():
     parser.add_argument("--stride", type=int, default=341)
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--crop-batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (the minimum is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, at least (the minimum is reported)")
+    parser.add_argument("--min-seconds", type=float, default=60.0, help="timed rounds per size last at least this")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -117,12 +139,12 @@ def main():
     )
     print(
         f"ViT-S/16 random weights, linear head {args.num_classes} classes, crop {args.crop}, stride {args.stride}, "
-        f"crop batch {args.crop_batch_size}, min of {args.repeats} runs"
+        f"crop batch {args.crop_batch_size}, min of >= {args.repeats} interleaved runs"
     )
     memory_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (sampled)"
     print(
-        f"{'input':>10} {'crops':>5} {'model s':>8} {'slide s':>8} {'ratio':>6} {'in-run':>6} {'slide+out s':>11}"
-        f" {'ratio':>6} {'in-run':>6} {'model MiB':>9} {'slide MiB':>9} {'+out MiB':>8} {'alloc s':>7}"
+        f"{'input':>10} {'crops':>5} {'model s':>8} {'slide s':>8} {'ratio':>6} {'in-run':>6} {'slide+buf s':>11}"
+        f" {'ratio':>6} {'in-run':>6} {'model MiB':>9} {'slide MiB':>9} {'+buf MiB':>8} {'alloc s':>7} {'rounds':>6}"
     )
     with torch.no_grad():
         for height, width in sizes:
@@ -131,31 +153,36 @@ def main():
             crop_hw = (boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2])
             crops = torch.stack([x[0, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
             batches = list(crops.split(args.crop_batch_size))
-            out = torch.empty(1, args.num_classes, height, width, device=device)
+            result_shape = (1, args.num_classes, height, width)
             options = {"crop_batch_size": args.crop_batch_size, "n_output_channels": args.num_classes}
 
             in_run = {}
-            runs = make_runs(segmentor, x, batches, crop_hw, crop, stride, out, options, in_run)
+            runs = make_runs(segmentor, x, batches, crop_hw, crop, stride, result_shape, options, in_run)
+            start = time.perf_counter()
             for fn in runs:  # warm-up (allocator, kernels)
                 fn()
+            rounds = max(args.repeats, int(args.min_seconds / (time.perf_counter() - start)))
             in_run.clear()
-            for _ in range(args.repeats):  # interleaved, so that drifts hit all alike
+            for _ in range(rounds):  # interleaved, so that drifts hit all alike
                 for fn, results in runs.items():
                     results.append(measure(fn, device))
             (t_bare, m_bare), (t_slide, m_slide), (t_out, m_out), (t_alloc, _) = (
                 (min(t for t, _ in r), max(m for _, m in r) / 2**20) for r in runs.values()
             )
-            r_slide, r_out = (statistics.median(in_run[k]) for k in ("slide", "slide_out"))
+            r_slide, r_out = (statistics.median(in_run[k]) for k in ("slide", "slide_buffer"))
             print(
                 f"{height:>4}x{width:<5} {len(boxes):>5} {t_bare:>8.3f} {t_slide:>8.3f} {t_slide / t_bare:>6.3f} "
                 f"{r_slide:>6.3f} {t_out:>11.3f} {t_out / t_bare:>6.3f} {r_out:>6.3f} "
-                f"{m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f}",
+                f"{m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f} {rounds:>6}",
                 flush=True,
             )
     print(
         f"memory: {memory_kind}, above the level before each call; alloc s: allocating and first-touching one "
-        "result-sized float32 tensor"
+        "result-sized float32 tensor; ratios: minimum time / minimum model time; in-run: median of total / in-model"
     )
+    reporting = page_reporting() if device.type == "cpu" else None
+    if reporting:
+        print(f"this kernel hands freed memory back to its host (page reporting: {reporting})")
 
 
 if __name__ == "__main__":

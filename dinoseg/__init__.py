@@ -8,6 +8,7 @@ from .data import DatasetError, InfiniteDataloader, make_data_loader, make_datas
 from .data.datasets import ADE20K, Cityscapes, ImageMaskFolder, PascalVOC, SyntheticShapes
 from .eval.segmentation.config import SegmentationConfig, load_config
 from .eval.segmentation.inference import (
+    AccumulatorBuffer,
     make_inference,
     make_tta_inference,
     mask_classification_to_semantic,
@@ -44,6 +45,7 @@ from .models.vision_transformer import DinoVisionTransformer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulatorBuffer",
     "ADE20K",
     "BackboneLayersSet",
     "Cityscapes",

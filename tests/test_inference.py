@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dinoseg.eval.segmentation.inference import (
+    AccumulatorBuffer,
     _first_cover_plan,
     make_inference,
     make_tta_inference,
@@ -204,6 +205,44 @@ def test_tta_averages_scales_and_flips():
         torch.testing.assert_close(
             plain, make_inference(x, model, "slide", output_activation=softmax, **options)
         )
+
+
+def test_accumulator_buffer_is_reused_and_grows():
+    torch.manual_seed(0)
+    model = ConvSegmentor(kernel_size=3)
+    buffer = AccumulatorBuffer()
+    big, small = torch.randn(1, 3, 30, 40), torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        first = slide_inference(big, model, 16, 10, buffer=buffer)
+        torch.testing.assert_close(first, slide_inference(big, model, 16, 10))
+        assert buffer.holds(first) and not buffer.holds(first.clone())
+        ptr = first.data_ptr()
+        # A smaller request (other shape, two images) is a view of the same memory, with the right values.
+        second = slide_inference(small, model, 16, 10, buffer=buffer)
+        assert second.data_ptr() == ptr and second.is_contiguous() and second.shape == (2, 3, 20, 20)
+        torch.testing.assert_close(second, slide_inference(small, model, 16, 10))
+        # A larger one replaces the block.
+        third = slide_inference(torch.randn(1, 3, 50, 40), model, 16, 10, buffer=buffer)
+        assert third.numel() > first.numel() and buffer.holds(third) and not buffer.holds(first)
+        buffer.clear()
+        assert not buffer.holds(third)
+    with pytest.raises(ValueError, match="out or buffer"):
+        slide_inference(big, model, 16, 10, out=torch.empty(1, 3, 30, 40), buffer=AccumulatorBuffer())
+
+
+@pytest.mark.parametrize("activation", [None, softmax])
+def test_tta_with_a_buffer_equals_tta_without(activation):
+    """Without an activation the first prediction is a view of the buffer; the sum must not be overwritten."""
+    torch.manual_seed(0)
+    model = ConvSegmentor(kernel_size=3)
+    x = torch.randn(1, 3, 30, 40)
+    options = {"rescale_to": (30, 40), "crop_size": 16, "stride": 10, "output_activation": activation}
+    buffer = AccumulatorBuffer()
+    with torch.no_grad():
+        for ratios, flip in (((1.0,), False), ((1.0,), True), ((1.0, 1.0), False), ((1.0, 0.5), True)):
+            expected = make_tta_inference(x, model, tta_ratios=ratios, use_flip=flip, **options)
+            got = make_tta_inference(x, model, tta_ratios=ratios, use_flip=flip, buffer=buffer, **options)
+            torch.testing.assert_close(got, expected)
 
 
 def test_num_max_forward_pads_model_calls():

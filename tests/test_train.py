@@ -149,3 +149,32 @@ def test_whole_image_mode_eval_and_predict(tmp_path):
     assert main(["predict", str(out / "segmentation_config.yaml"), f"head={out / LAST}",
                  "--input", str(tmp_path / "x.png"), "--output", str(tmp_path / "pred")]) == 0
     assert Image.open(tmp_path / "pred" / "x_mask.png").size == (50, 37)
+
+
+def test_eval_and_predict_reuse_one_accumulator_buffer(tmp_path, monkeypatch):
+    """Every image of an eval / predict loop takes its sliding-window accumulator from the same buffer."""
+    from dinoseg.eval.segmentation import eval as eval_module
+    from dinoseg.eval.segmentation import run as run_module
+    from dinoseg.eval.segmentation.inference import AccumulatorBuffer, make_tta_inference
+
+    buffers = []
+
+    def spy(*args, **kwargs):
+        buffers.append(kwargs["buffer"])
+        return make_tta_inference(*args, **kwargs)
+
+    monkeypatch.setattr(eval_module, "make_tta_inference", spy)
+    monkeypatch.setattr(run_module, "make_tta_inference", spy)
+    out = tmp_path / "run"
+    assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3)]) == 0
+    assert len(buffers) == 6 and isinstance(buffers[0], AccumulatorBuffer)
+    assert all(b is buffers[0] for b in buffers)
+    from PIL import Image
+
+    for name, size in (("a.png", (50, 37)), ("b.png", (30, 60))):
+        Image.new("RGB", size, (10, 200, 10)).save(tmp_path / name)
+    buffers.clear()
+    assert main(["predict", str(out / "segmentation_config.yaml"), f"head={out / LAST}",
+                 "--input", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--output", str(tmp_path / "p")]) == 0
+    assert len(buffers) == 2 and buffers[0] is buffers[1]
+    assert Image.open(tmp_path / "p" / "b_label.png").size == (30, 60)
