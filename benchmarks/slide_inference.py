@@ -22,7 +22,8 @@ the "alloc s" column is that cost alone. A last line says whether the kernel rep
 (/sys/module/page_reporting, as virtual machines with free page reporting do): memory freed by one call then has
 to be supplied by the host again when the next call allocates.
 
-Cheap sizes get more rounds (at least `--min-seconds` of timed runs), as their minimum is noisier.
+Each size gets at least `--min-seconds` of timed rounds (cheap sizes many more than `--repeats`), as a minimum
+over few runs is noisy at the 1-2% level compared here; the default run takes about 11 minutes on 2 CPU cores.
 
     .venv/bin/python benchmarks/slide_inference.py [--repeats 5] [--crop-batch-size 8] [--device cpu]
 """
@@ -121,7 +122,7 @@ def main():
     parser.add_argument("--num-classes", type=int, default=150)
     parser.add_argument("--crop-batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, at least (the minimum is reported)")
-    parser.add_argument("--min-seconds", type=float, default=60.0, help="timed rounds per size last at least this")
+    parser.add_argument("--min-seconds", type=float, default=240.0, help="timed rounds per size last at least this")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
