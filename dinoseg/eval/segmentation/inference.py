@@ -14,6 +14,7 @@ averaging of overlapping crops, resize to `rescale_to`, un-flip, output activati
 - an `AccumulatorBuffer` lets a loop over images reuse the accumulator's memory (eval and predict do).
 """
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -81,9 +82,7 @@ class AccumulatorBuffer:
     def get(self, shape, device) -> torch.Tensor:
         """A contiguous float32 tensor of `shape` on `device` with undefined content."""
         device = torch.device(device)
-        numel = 1
-        for size in shape:
-            numel *= int(size)
+        numel = math.prod(shape)
         block = self._blocks.get(device)
         if block is None or block.numel() < numel:
             self._blocks.pop(device, None)  # free the smaller block before allocating the larger one
