@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ... import distributed
 from ...data.loaders import make_data_loader
-from .inference import AccumulatorBuffer, make_tta_inference
+from .inference import make_tta_inference
 from .metrics import SEGMENTATION_METRICS, SUMMARY_NAMES, SegmentationMetrics, format_per_class_table
 from .setup import inference_kwargs
 
@@ -46,7 +46,6 @@ def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int
     was_training = model.training
     model.eval()
     kwargs = inference_kwargs(cfg)
-    kwargs["buffer"] = AccumulatorBuffer()  # one accumulator block for the whole loop, not one per image
     metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=255, class_names=class_names, device=device)
     show = progress and distributed.is_main_process()
     for index, (image, label) in zip(loader.sampler, tqdm(loader, desc="eval", disable=not show, leave=False,

@@ -14,7 +14,7 @@ from ...data.io import DatasetError, load_image
 from .checkpointer import LAST, load_head_state_dict, read_head_weights
 from .config import ConfigError
 from .eval import evaluate_segmentation_model, make_val_loader, whole_image_size, write_results
-from .inference import AccumulatorBuffer, make_tta_inference
+from .inference import make_tta_inference
 from .setup import build_eval_transforms, build_model, build_val_dataset, inference_kwargs
 from .train import prepare_output_dir, train_segmentation
 
@@ -132,7 +132,6 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num
     lut = np.array(palette, dtype=np.uint8)
     transform = build_eval_transforms(cfg)
     kwargs = inference_kwargs(cfg)
-    kwargs["buffer"] = AccumulatorBuffer()  # one accumulator block for the whole loop, not one per image
     written = []
     for path in images:
         raw = load_image(str(path))  # uint8 [3, H, W], any mode -> RGB

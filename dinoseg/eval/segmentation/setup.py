@@ -11,6 +11,7 @@ from ...hub.backbones import ARCHS, load_backbone_weights, make_backbone
 from ...models.vision_transformer import DinoVisionTransformer
 from ..utils import freeze_backbone
 from .config import ConfigError, InferenceMode, Precision
+from .inference import AccumulatorBuffer
 from .models import build_segmentation_decoder
 from .transforms import make_segmentation_eval_transforms, make_segmentation_train_transforms
 
@@ -105,7 +106,8 @@ def build_val_dataset(cfg: DictConfig):
 
 
 def inference_kwargs(cfg: DictConfig) -> dict:
-    """Keyword arguments of `make_tta_inference` for this config."""
+    """Keyword arguments of `make_tta_inference` for this config, for one loop over images: its
+    `AccumulatorBuffer` gives every image's sliding-window accumulator the same memory."""
     e = cfg.eval
     return dict(
         tta_ratios=tuple(cfg.transforms.eval.tta_ratios) if e.use_tta else (1.0,),
@@ -114,6 +116,7 @@ def inference_kwargs(cfg: DictConfig) -> dict:
         crop_size=(e.crop_size, e.crop_size),
         stride=(e.stride, e.stride),
         crop_batch_size=e.crop_batch_size,
+        buffer=AccumulatorBuffer(),
     )
 
 
