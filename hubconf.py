@@ -2,22 +2,4 @@
 
 dependencies = ["torch", "torchvision", "omegaconf", "numpy"]
 
-from dinoseg.hub.backbones import (  # noqa: E402,F401
-    dinov3_vit7b16,
-    dinov3_vitb16,
-    dinov3_vith16plus,
-    dinov3_vitl16,
-    dinov3_vitl16plus,
-    dinov3_vits16,
-    dinov3_vits16plus,
-)
-from dinoseg.hub.segmentors import (  # noqa: E402,F401
-    dinov3_vit7b16_ade20k_linear,
-    dinov3_vit7b16_ms,
-    dinov3_vitb16_ade20k_linear,
-    dinov3_vith16plus_ade20k_linear,
-    dinov3_vitl16_ade20k_linear,
-    dinov3_vitl16plus_ade20k_linear,
-    dinov3_vits16_ade20k_linear,
-    dinov3_vits16plus_ade20k_linear,
-)
+from dinoseg.hub import *  # noqa: E402,F403

@@ -24,7 +24,7 @@ import torch
 from _memory import measure
 
 from dinoseg.eval.segmentation.inference import slide_inference
-from dinoseg.eval.segmentation.models import build_segmentation_decoder
+from dinoseg.eval.segmentation.models import Mask2FormerOptions, build_segmentation_decoder
 from dinoseg.eval.segmentation.models.utils import ms_deform_attn
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
@@ -107,7 +107,7 @@ def main():
         decoder_type="m2f",
         hidden_dim=args.hidden_dim,
         num_classes=args.num_classes,
-        dim_feedforward=args.dim_feedforward,
+        m2f_options=Mask2FormerOptions(dim_feedforward=args.dim_feedforward),
     )
     segmentor = segmentor.to(device).eval()
     height, width = (int(v) for v in args.size.split("x"))

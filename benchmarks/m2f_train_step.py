@@ -32,9 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dinoseg.eval.segmentation.config import load_config  # noqa: E402
-from dinoseg.eval.segmentation.schedulers import build_scheduler  # noqa: E402
+from dinoseg.engine.config import scheduler_kwargs  # noqa: E402
+from dinoseg.engine.schedulers import build_scheduler  # noqa: E402
+from dinoseg.eval.segmentation.decoders import decoder, resolve_num_classes  # noqa: E402
 from dinoseg.eval.segmentation.setup import build_model, build_optimizer, build_train_dataset  # noqa: E402
-from dinoseg.eval.segmentation.train import build_criterion, compute_loss, set_train_mode  # noqa: E402
+from dinoseg.models.frozen import set_train_mode  # noqa: E402
 
 
 class Clock:
@@ -55,11 +57,13 @@ def measure(config: str, overrides: list[str], iters: int, warmup: int, device: 
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     dataset = build_train_dataset(cfg)
-    num_classes = cfg.decoder_head.num_classes or dataset.num_classes
+    num_classes = resolve_num_classes(cfg.decoder_head, dataset=dataset)
     model = build_model(cfg, num_classes).to(device)
-    criterion = build_criterion(cfg, num_classes).to(device)
+    head = decoder(cfg.decoder_head)
+    criterion = head.criterion(cfg.train, num_classes).to(device)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg.scheduler)
+    scheduler = build_scheduler(cfg.scheduler.type, optimizer, cfg.optimizer.lr, cfg.scheduler.total_iter,
+                                scheduler_kwargs(cfg.scheduler))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     set_train_mode(model)
 
@@ -97,7 +101,7 @@ def measure(config: str, overrides: list[str], iters: int, warmup: int, device: 
         t0 = clock()
         outputs = model(images)
         t1 = clock()
-        loss = compute_loss(criterion, outputs, labels, cfg.decoder_head.type)
+        loss = head.loss(criterion, outputs, labels)
         t2 = clock()
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()} at iteration {i} ({cfg.precision})")

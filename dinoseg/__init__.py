@@ -9,6 +9,7 @@ from .data.datasets import ADE20K, Cityscapes, ImageMaskFolder, PascalVOC, Synth
 from .eval.segmentation.config import SegmentationConfig, load_config
 from .eval.segmentation.inference import (
     AccumulatorBuffer,
+    InferenceSettings,
     make_inference,
     make_tta_inference,
     mask_classification_to_semantic,
@@ -22,24 +23,23 @@ from .eval.segmentation.metrics import (
     calculate_intersect_and_union,
     calculate_segmentation_metrics,
 )
-from .eval.segmentation.models import FeatureDecoder, build_segmentation_decoder
+from .eval.segmentation.models import (
+    AdapterOptions,
+    DecoderType,
+    FeatureDecoder,
+    Mask2FormerOptions,
+    build_segmentation_decoder,
+)
 from .eval.segmentation.models.backbone.dinov3_adapter import DINOv3_Adapter
 from .eval.segmentation.models.heads.linear_head import LinearHead
 from .eval.segmentation.models.heads.mask2former_head import Mask2FormerHead
 from .eval.segmentation.models.utils.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 from .eval.segmentation.transforms import make_segmentation_eval_transforms, make_segmentation_train_transforms
 from .eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, get_backbone_out_indices
-from .hub.backbones import (
-    Weights,
-    dinov3_vit7b16,
-    dinov3_vitb16,
-    dinov3_vith16plus,
-    dinov3_vitl16,
-    dinov3_vitl16plus,
-    dinov3_vits16,
-    dinov3_vits16plus,
-)
-from .hub.segmentors import SegmentorWeights, dinov3_vit7b16_ms
+from .hub import *  # noqa: F403  (the torch.hub entry points)
+from .hub import __all__ as _hub_names
+from .models.backbones import Weights
+from .models.checkpoint import CheckpointError
 from .models.vision_transformer import DinoVisionTransformer
 
 __version__ = "0.1.0"
@@ -47,39 +47,35 @@ __version__ = "0.1.0"
 __all__ = [
     "AccumulatorBuffer",
     "ADE20K",
+    "AdapterOptions",
     "BackboneLayersSet",
+    "CheckpointError",
     "Cityscapes",
     "DINOv3_Adapter",
     "DatasetError",
+    "DecoderType",
     "DinoVisionTransformer",
     "FeatureDecoder",
     "HungarianMatcher",
     "ImageMaskFolder",
+    "InferenceSettings",
     "InfiniteDataloader",
     "LinearHead",
     "MSDeformAttn",
     "Mask2FormerHead",
     "Mask2FormerLoss",
+    "Mask2FormerOptions",
     "ModelWithIntermediateLayers",
     "MultiSegmentationLoss",
     "PascalVOC",
     "SegmentationConfig",
     "SegmentationMetrics",
-    "SegmentorWeights",
     "SetCriterion",
     "SyntheticShapes",
     "Weights",
     "build_segmentation_decoder",
     "calculate_intersect_and_union",
     "calculate_segmentation_metrics",
-    "dinov3_vit7b16",
-    "dinov3_vit7b16_ms",
-    "dinov3_vitb16",
-    "dinov3_vith16plus",
-    "dinov3_vitl16",
-    "dinov3_vitl16plus",
-    "dinov3_vits16",
-    "dinov3_vits16plus",
     "get_backbone_out_indices",
     "load_config",
     "make_data_loader",
@@ -93,3 +89,4 @@ __all__ = [
     "slide_inference",
     "tta_image_size",
 ]
+__all__ += _hub_names

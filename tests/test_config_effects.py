@@ -3,14 +3,15 @@
 import pytest
 import torch
 
+from dinoseg.engine.config import Precision
 from dinoseg.eval.segmentation.config import load_config
+from dinoseg.eval.segmentation.inference import InferenceMode
 from dinoseg.eval.segmentation.setup import (
-    AUTOCAST_DTYPES,
     build_backbone,
     build_model,
     build_optimizer,
     build_train_dataset,
-    inference_kwargs,
+    inference_settings,
 )
 from dinoseg.eval.segmentation.transforms import (
     Normalize,
@@ -28,13 +29,13 @@ def cfg(*overrides):
 
 
 def test_model_fields():
-    a = build_backbone(cfg().model)
-    b = build_backbone(cfg().model)
+    a = build_backbone(cfg())
+    b = build_backbone(cfg())
     torch.testing.assert_close(a.cls_token, b.cls_token)  # random_init_seed: the same random backbone every time
-    c = build_backbone(cfg("model.random_init_seed=1").model)
+    c = build_backbone(cfg("model.random_init_seed=1"))
     assert not torch.equal(a.cls_token, c.cls_token)
-    assert build_backbone(cfg("model.backbone_kwargs.depth=2").model).n_blocks == 2
-    hub = build_backbone(load_config([], ["model.backbone_kwargs.depth=1"]).model)  # default hub: dinov3_vits16
+    assert build_backbone(cfg("model.backbone_kwargs.depth=2")).n_blocks == 2
+    hub = build_backbone(load_config([], ["model.backbone_kwargs.depth=1"]))  # default hub: dinov3_vits16
     assert hub.embed_dim == 384 and hub.n_blocks == 1  # hub architecture + keyword override
     assert all(not p.requires_grad for p in a.parameters()) and not a.training
 
@@ -96,17 +97,17 @@ def test_transform_fields():
 
 
 def test_eval_fields():
-    kw = inference_kwargs(cfg("eval.mode=whole", "eval.crop_size=40", "eval.stride=20", "eval.crop_batch_size=3"))
-    assert kw["inference_mode"] == "whole" and kw["crop_size"] == (40, 40) and kw["stride"] == (20, 20)
-    assert kw["crop_batch_size"] == 3 and kw["tta_ratios"] == (1.0,) and not kw["use_flip"]
-    tta = inference_kwargs(cfg("eval.use_tta=true", "transforms.eval.tta_ratios=[0.5,1.0,1.5]"))
-    assert tta["tta_ratios"] == (0.5, 1.0, 1.5) and tta["use_flip"]
+    s = inference_settings(cfg("eval.mode=whole", "eval.crop_size=40", "eval.stride=20", "eval.crop_batch_size=3"))
+    assert s.mode is InferenceMode.WHOLE and s.crop_size == (40, 40) and s.stride == (20, 20)
+    assert s.crop_batch_size == 3 and s.tta_ratios == (1.0,) and not s.use_flip
+    tta = inference_settings(cfg("eval.use_tta=true", "transforms.eval.tta_ratios=[0.5,1.0,1.5]"))
+    assert tta.tta_ratios == (0.5, 1.0, 1.5) and tta.use_flip
 
 
 @pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_precision_sets_the_autocast_dtype(name, dtype):
     c = cfg(f"precision={name}")
-    assert build_model(c, 5).autocast_dtype == AUTOCAST_DTYPES[c.precision] == dtype
+    assert build_model(c, 5).autocast_dtype == Precision(c.precision).dtype == dtype
 
 
 def test_adapter_fields():

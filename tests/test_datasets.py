@@ -14,7 +14,6 @@ from dinoseg.data import (
     ADE20K,
     Cityscapes,
     DatasetError,
-    DatasetSpec,
     ImageMaskFolder,
     InfiniteDataloader,
     PascalVOC,
@@ -24,7 +23,6 @@ from dinoseg.data import (
     make_dataset,
     parse_dataset_str,
 )
-from dinoseg.data import loaders as loaders_module
 from dinoseg.data.io import load_image
 from dinoseg.eval.segmentation.transforms import (
     make_segmentation_eval_transforms,
@@ -235,7 +233,7 @@ def test_make_dataset_string_dict_dataclass_and_errors(tmp_path):
     assert len(make_dataset("ADE20K:split=VAL", root=root)) == 2  # official: datasets.val + datasets.root
     assert len(make_dataset({"type": "ade20k", "root": root, "split": "val", "options": {"use_split_file": False}})) == 2
     assert len(make_dataset(OmegaConf.create({"type": "ADE20K", "root": root, "split": "train"}))) == 3
-    syn = make_dataset(DatasetSpec(type="synthetic", split="val", options={"num_samples": 5, "image_size": 32}))
+    syn = make_dataset({"type": "synthetic", "split": "val", "options": {"num_samples": 5, "image_size": 32}})
     assert isinstance(syn, SyntheticShapes) and len(syn) == 5 and syn.split == "val"
     with pytest.raises(DatasetError, match="unknown dataset type 'ImageNet'"):
         make_dataset(f"ImageNet:split=TRAIN:root={root}")
@@ -344,7 +342,7 @@ def _epochs(loader, n):
     return out
 
 
-def test_data_loader_seeding_per_epoch_worker_and_rank(monkeypatch):
+def test_data_loader_seeding_per_epoch_worker_and_rank():
     loader = make_data_loader(_RandomDataset(), batch_size=2, num_workers=2, shuffle=True, seed=5)
     (idx0, aug0), (idx1, aug1) = _epochs(loader, 2)
     assert sorted(idx0) == list(range(8)) and idx0 != idx1  # reshuffled by set_epoch
@@ -352,8 +350,7 @@ def test_data_loader_seeding_per_epoch_worker_and_rank(monkeypatch):
     (ridx0, raug0), _ = _epochs(make_data_loader(_RandomDataset(), 2, 2, True, seed=5), 2)
     assert ridx0 == idx0 and torch.equal(raug0, aug0)  # reproducible for a seed
     # as rank 1 of 2: half the samples, other augmentations
-    monkeypatch.setattr(loaders_module, "_dist_info", lambda: (1, 2))
-    rank1 = make_data_loader(_RandomDataset(), batch_size=2, num_workers=2, shuffle=True, seed=5)
+    rank1 = make_data_loader(_RandomDataset(), batch_size=2, num_workers=2, shuffle=True, seed=5, rank=1, world_size=2)
     assert isinstance(rank1.sampler, torch.utils.data.DistributedSampler) and rank1.sampler.rank == 1
     (idx_r1, aug_r1), = _epochs(rank1, 1)
     assert len(idx_r1) == 4 and not torch.allclose(aug_r1, aug0[:4])

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from dinoseg.eval.segmentation.checkpointer import LAST
+from dinoseg.engine.checkpoint import LAST
 
 from .engine_utils import REPO, cli_env, run_cli, tiny
 
@@ -45,10 +45,10 @@ def test_two_process_training_and_sharded_evaluation(tmp_path):
 def test_ddp_wraps_the_head_only(tmp_path):
     import torch.distributed as dist
 
-    from dinoseg.distributed import CrossProcessBatchNorm2d
+    from dinoseg.engine.distributed import CrossProcessBatchNorm2d
+    from dinoseg.engine.training import wrap_distributed
     from dinoseg.eval.segmentation.config import load_config
     from dinoseg.eval.segmentation.setup import build_model
-    from dinoseg.eval.segmentation.train import wrap_distributed
 
     from .engine_utils import TINY
 

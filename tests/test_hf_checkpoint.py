@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dinoseg.hub import CheckpointError, make_backbone
-from dinoseg.hub.backbones import load_hf_backbone
+from dinoseg.models import CheckpointError, make_backbone
+from dinoseg.models.backbones import load_hf_backbone
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinoseg.hub import ARCHS, CheckpointError, make_backbone
 from dinoseg.hub.backbones import dinov3_vits16
+from dinoseg.models import ARCHS, CheckpointError, make_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 

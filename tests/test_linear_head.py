@@ -148,7 +148,7 @@ def test_bad_arguments_raise():
         build_segmentation_decoder(backbone, "LAST", "fpn")
     with pytest.raises(ValueError, match="backbone_out_layers"):
         build_segmentation_decoder(backbone, "LAST_TWO", "linear")
-    with pytest.raises(ValueError, match="num_queries"):
+    with pytest.raises(TypeError, match="num_queries"):
         build_segmentation_decoder(backbone, "LAST", "linear", num_queries=10)
     with pytest.raises(ValueError, match="feature maps"):
         LinearHead([8, 8], 3)([torch.randn(1, 8, 2, 2)])

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoseg.eval.segmentation.models import build_segmentation_decoder
+from dinoseg.eval.segmentation.models import AdapterOptions, Mask2FormerOptions, build_segmentation_decoder
 from dinoseg.eval.segmentation.models.heads.mask2former_transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
 )
 from dinoseg.eval.segmentation.models.utils.ms_deform_attn import MSDeformAttn
-from dinoseg.hub import ARCHS, CheckpointError
-from dinoseg.hub.segmentors import LINEAR_SEGMENTORS, dinov3_vit7b16_ms, dinov3_vits16_ade20k_linear
+from dinoseg.hub import segmentors
+from dinoseg.hub.segmentors import dinov3_vit7b16_ms, dinov3_vits16_ade20k_linear
+from dinoseg.models import ARCHS, CheckpointError
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
 from .conftest import SHARED_REFERENCE, load_fixture
@@ -33,7 +34,7 @@ def build_like(index: dict, name: str, **kwargs):
         decoder_type="m2f",
         hidden_dim=spec["hidden_dim"],
         num_classes=spec["num_classes"],
-        **{k: spec[k] for k in COUNTS},
+        m2f_options=Mask2FormerOptions(**{k: spec[k] for k in COUNTS}),
         **kwargs,
     )
 
@@ -212,8 +213,9 @@ def test_vit7b_segmentor_builds_on_meta_with_the_released_size(official_index, s
 # -- hub loading from local files ----------------------------------------------------------------------------------
 
 TINY_7B = dict(embed_dim=64, depth=4, num_heads=2)  # the 7B layout (SwiGLU64, no qkv bias), made tiny
-TINY_HEAD = dict(hidden_dim=32, num_queries=4, nheads=2, dim_feedforward=32, enc_layers=1, dec_layers=2,
-                 pixel_decoder_nheads=2, conv_inplane=16, deform_num_heads=4)
+TINY_HEAD = dict(hidden_dim=32, m2f_options=Mask2FormerOptions(
+    num_queries=4, nheads=2, dim_feedforward=32, enc_layers=1, dec_layers=2, pixel_decoder_nheads=2,
+    adapter=AdapterOptions(conv_inplane=16, deform_num_heads=4)))
 
 
 def save_split(tmp_path, model, backbone_prefix):
@@ -257,7 +259,8 @@ def test_official_head_name_is_looked_up_in_the_hub_cache(tmp_path, monkeypatch)
 
 
 def test_linear_hub_segmentors(tmp_path):
-    assert set(LINEAR_SEGMENTORS) == {f"{name}_ade20k_linear" for name in ARCHS}
+    linear = {n for n in segmentors.__all__ if n.endswith("_ade20k_linear")}
+    assert linear == {f"{name}_ade20k_linear" for name in ARCHS}
     tiny = dict(embed_dim=32, depth=4, num_heads=2)
     ref = dinov3_vits16_ade20k_linear(pretrained=False, backbone_options=tiny, backbone_out_layers="FOUR_EVEN_INTERVALS")
     ref.eval()

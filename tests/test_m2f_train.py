@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from dinoseg.eval.segmentation.checkpointer import LAST
+from dinoseg.engine.checkpoint import LAST
 from dinoseg.eval.segmentation.config import load_config
+from dinoseg.eval.segmentation.decoders import Mask2FormerDecoder
 from dinoseg.eval.segmentation.m2f_loss import Mask2FormerLoss
 from dinoseg.eval.segmentation.models.backbone.dinov3_adapter import DropPath
 from dinoseg.eval.segmentation.setup import build_model
-from dinoseg.eval.segmentation.train import build_criterion, compute_loss, set_train_mode
+from dinoseg.models.frozen import set_train_mode
 
 from .engine_utils import TINY, kill_and_resume, read_checkpoint, run_cli, tiny
 
@@ -38,7 +39,7 @@ ADAPTER, HEAD, BACKBONE = "segmentation_model.0.", "segmentation_model.1.", "seg
 def _setup(*extra):
     cfg = load_config([], TINY + M2F_TINY + list(extra))
     model = build_model(cfg, NUM_CLASSES)
-    criterion = build_criterion(cfg, NUM_CLASSES)
+    criterion = Mask2FormerDecoder.criterion(cfg.train, NUM_CLASSES)
     set_train_mode(model)
     return cfg, model, criterion
 
@@ -53,7 +54,7 @@ def _batch(size=64):
 
 def _step(model, criterion, images, labels):
     model.zero_grad(set_to_none=True)
-    loss = compute_loss(criterion, model(images), labels, "m2f")
+    loss = Mask2FormerDecoder.loss(criterion, model(images), labels)
     loss.backward()
     return loss
 

@@ -2,7 +2,7 @@ import itertools
 
 import torch
 
-from dinoseg.eval.segmentation.sampling import EpochSeededDataset, InfiniteShardedSampler
+from dinoseg.engine.sampling import EpochSeededDataset, InfiniteShardedSampler
 
 
 class _RandomDataset(torch.utils.data.Dataset):

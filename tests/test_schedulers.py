@@ -4,8 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dinoseg.eval.segmentation.config import SchedulerConfig, SchedulerType
-from dinoseg.eval.segmentation.schedulers import build_scheduler, lr_factor
+from dinoseg.engine.config import SchedulerConfig, scheduler_kwargs
+from dinoseg.engine.schedulers import SchedulerType, build_scheduler, lr_factor
 
 
 def _official_one_cycle(step, max_lr, total, warmup, ratio, final_div=float("inf"), div=25.0):
@@ -21,7 +21,8 @@ def _official_one_cycle(step, max_lr, total, warmup, ratio, final_div=float("inf
 def _run(cfg, steps, lr=1e-3):
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=lr)
-    sched = build_scheduler(opt, OmegaConf.structured(cfg))
+    cfg = OmegaConf.structured(cfg)
+    sched = build_scheduler(cfg.type, opt, lr, cfg.total_iter, scheduler_kwargs(cfg))
     lrs = []
     for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])  # the lr this iteration trains with
@@ -52,20 +53,20 @@ def test_poly_and_constant_with_warmup():
 
 def test_poly_min_lr_floor():
     cfg = OmegaConf.structured(SchedulerConfig(type=SchedulerType.POLY, total_iter=10, warmup_iters=0, min_lr=1e-5))
-    assert lr_factor(10, cfg, base_lr=1e-3) == pytest.approx(1e-2)
+    assert lr_factor(10, cfg.type, cfg.total_iter, **scheduler_kwargs(cfg), base_lr=1e-3) == pytest.approx(1e-2)
 
 
 def test_schedule_resumes_exactly():
     cfg = OmegaConf.structured(SchedulerConfig(total_iter=30, warmup_iters=5))
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=1e-3)
-    sched = build_scheduler(opt, cfg)
+    sched = build_scheduler(cfg.type, opt, 1e-3, cfg.total_iter, scheduler_kwargs(cfg))
     for _ in range(12):
         opt.step()
         sched.step()
     state = sched.state_dict()
     opt2 = torch.optim.AdamW([p], lr=1e-3)
-    sched2 = build_scheduler(opt2, cfg)
+    sched2 = build_scheduler(cfg.type, opt2, 1e-3, cfg.total_iter, scheduler_kwargs(cfg))
     sched2.load_state_dict(state)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]

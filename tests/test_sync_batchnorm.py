@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinoseg.distributed import CrossProcessBatchNorm2d, convert_sync_batchnorm
+from dinoseg.engine.distributed import CrossProcessBatchNorm2d, convert_sync_batchnorm
 
 
 def _worker(rank, port, x, grad, out):

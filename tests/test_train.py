@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dinoseg.cli import main
-from dinoseg.eval.segmentation.checkpointer import BEST, LAST
+from dinoseg.engine.checkpoint import BEST, LAST
 
 from .engine_utils import kill_and_resume, read_checkpoint, tiny
 
@@ -94,9 +94,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    import dinoseg.eval.segmentation.train as train_module
+    from dinoseg.eval.segmentation.decoders import LinearDecoder
 
-    real = train_module.compute_loss
+    real = LinearDecoder.loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -104,7 +104,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 6 else loss
 
-    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    monkeypatch.setattr(LinearDecoder, "loss", staticmethod(poisoned))
     out = tmp_path / "r"
     assert main(["train", *tiny(out, total_iter=20, checkpoint_interval=5)]) == 2
     err = capsys.readouterr().err
@@ -153,8 +153,7 @@ def test_whole_image_mode_eval_and_predict(tmp_path):
 
 def test_eval_and_predict_reuse_one_accumulator_buffer(tmp_path, monkeypatch):
     """Every image of an eval / predict loop takes its sliding-window accumulator from the same buffer."""
-    from dinoseg.eval.segmentation import eval as eval_module
-    from dinoseg.eval.segmentation import run as run_module
+    from dinoseg.eval.segmentation import inference
     from dinoseg.eval.segmentation.inference import AccumulatorBuffer, make_tta_inference
 
     buffers = []
@@ -163,8 +162,7 @@ def test_eval_and_predict_reuse_one_accumulator_buffer(tmp_path, monkeypatch):
         buffers.append(kwargs["buffer"])
         return make_tta_inference(*args, **kwargs)
 
-    monkeypatch.setattr(eval_module, "make_tta_inference", spy)
-    monkeypatch.setattr(run_module, "make_tta_inference", spy)
+    monkeypatch.setattr(inference, "make_tta_inference", spy)
     out = tmp_path / "run"
     assert main(["train", *tiny(out, total_iter=3, checkpoint_interval=3)]) == 0
     assert len(buffers) == 6 and isinstance(buffers[0], AccumulatorBuffer)

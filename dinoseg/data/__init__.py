@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from .datasets import (
@@ -34,16 +32,6 @@ DATASETS: dict[str, type] = {
 }
 # Official split names (``ADE20K:split=TRAIN``) -> ours.
 _OFFICIAL_SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
-
-
-@dataclass
-class DatasetSpec:
-    """What ``make_dataset`` accepts besides strings: a type name, its root and split, and constructor options."""
-
-    type: str = "synthetic"
-    root: str | None = None
-    split: str | None = "train"
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _parse_value(text: str) -> Any:
@@ -96,10 +84,8 @@ def _spec_to_dict(config) -> dict[str, Any]:
             config = OmegaConf.to_container(config, resolve=True)
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
     if not isinstance(config, Mapping):
-        raise DatasetError(f"dataset config must be a string, mapping or dataclass, got {type(config).__name__}")
+        raise DatasetError(f"dataset config must be a string or a mapping, got {type(config).__name__}")
     spec = dict(config)
     options = spec.pop("options", None) or {}
     if not isinstance(options, Mapping):
@@ -110,16 +96,20 @@ def _spec_to_dict(config) -> dict[str, Any]:
     return spec
 
 
-def make_dataset(config_or_string, transforms: Callable | None = None, **overrides) -> SegmentationDataset:
-    """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"``, a dict / DictConfig / ``DatasetSpec``
-    (``type``, ``root``, ``split`` and constructor options, flat or under ``options``). ``overrides`` (e.g.
-    ``root=...``, ``strict=False``) win over the config. Official split names TRAIN / VAL are accepted."""
+def make_dataset(config_or_string, transforms: Callable | None = None, *, default_root: str | None = None,
+                 **overrides) -> SegmentationDataset:
+    """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"`` or a dict / DictConfig (``type``, ``root``,
+    ``split`` and constructor options, flat or under ``options``). ``overrides`` (e.g.
+    ``root=...``, ``strict=False``) win over the config; ``default_root`` (a config's shared ``datasets.root``)
+    applies when the dataset takes a root and none is given. Official split names TRAIN / VAL are accepted."""
     spec = _spec_to_dict(config_or_string)
     spec.update(overrides)
     type_name = str(spec.pop("type"))
     cls = DATASETS.get(type_name.strip().lower().replace("_", "").replace("-", ""))
     if cls is None:
         raise DatasetError(f"unknown dataset type {type_name!r}; expected one of {sorted(set(DATASETS))}")
+    if default_root and spec.get("root") is None and "root" in inspect.signature(cls.__init__).parameters:
+        spec["root"] = default_root
     split = spec.get("split")
     if isinstance(split, str):
         spec["split"] = _OFFICIAL_SPLITS.get(split.strip(), split.strip())
@@ -138,7 +128,6 @@ __all__ = [
     "IGNORE_INDEX",
     "Cityscapes",
     "DatasetError",
-    "DatasetSpec",
     "ImageMaskFolder",
     "InfiniteDataloader",
     "PascalVOC",

@@ -16,14 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -59,7 +52,9 @@ def make_data_loader(
     num_workers: int = 0,
     shuffle: bool = True,
     seed: int = 0,
-    distributed: bool | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
     drop_last: bool = False,
     collate_fn: Callable | None = None,
     persistent_workers: bool = False,
@@ -69,7 +64,7 @@ def make_data_loader(
     """A ``DataLoader`` whose sampler has ``set_epoch`` (reshuffles each epoch) and whose workers are seeded
     per rank, worker and epoch.
 
-    ``distributed=None`` shards over ranks when ``torch.distributed`` is initialised. ``pad_shards`` (default:
+    The loader serves shard ``rank`` of ``world_size`` (the engine passes the process's own). ``pad_shards`` (default:
     ``shuffle``) chooses the stock ``DistributedSampler``, which pads every shard to equal length by repeating
     samples (right for training, where ranks must step together), or ``UnpaddedDistributedSampler`` (right for
     evaluation: every sample is seen exactly once).
@@ -78,17 +73,12 @@ def make_data_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(dataset) == 0:
         raise ValueError(f"cannot build a data loader on an empty dataset: {dataset!r}")
-    rank, world = _dist_info()
-    if distributed is None:
-        distributed = world > 1
-    if not distributed:
-        rank, world = 0, 1
     if pad_shards is None:
         pad_shards = shuffle
     # Even without distribution, a DistributedSampler over one replica gives a seeded, set_epoch-able shuffle.
     sampler_cls = DistributedSampler if pad_shards else UnpaddedDistributedSampler
     kwargs = {"drop_last": drop_last} if sampler_cls is DistributedSampler else {}
-    sampler = sampler_cls(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, **kwargs)
+    sampler = sampler_cls(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, **kwargs)
     generator = torch.Generator()
     generator.manual_seed(seed + rank)
     return DataLoader(
@@ -110,7 +100,8 @@ class InfiniteDataloader:
     pass has a new order (and, through the loader's generator, new worker seeds). ``start_epoch`` resumes."""
 
     def __init__(self, dataloader: DataLoader, start_epoch: int = 0):
-        if len(dataloader) == 0:
+        # An endless sampler (the training engine's resumable one) has no length: one pass never ends.
+        if hasattr(dataloader.sampler, "__len__") and len(dataloader) == 0:
             raise ValueError("InfiniteDataloader: the data loader yields no batch (dataset smaller than a batch "
                              "with drop_last=True?)")
         self.dataloader = dataloader

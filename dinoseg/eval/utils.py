@@ -6,16 +6,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-FROZEN_BACKBONE = "_dinoseg_frozen_backbone"
-
-
-def freeze_backbone(module: nn.Module) -> nn.Module:
-    """Freeze a backbone (no gradients, eval mode) and mark it, so that checkpoints leave it out and training
-    keeps it in eval mode (see `checkpointer.frozen_prefixes`)."""
-    module.requires_grad_(False)
-    module.eval()
-    setattr(module, FROZEN_BACKBONE, True)
-    return module
+from ..models.frozen import freeze_backbone
 
 
 class BackboneLayersSet(Enum):

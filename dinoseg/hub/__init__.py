@@ -1,29 +1,8 @@
-from .backbones import (
-    ARCHS,
-    Weights,
-    dinov3_vit7b16,
-    dinov3_vitb16,
-    dinov3_vith16plus,
-    dinov3_vitl16,
-    dinov3_vitl16plus,
-    dinov3_vits16,
-    dinov3_vits16plus,
-    make_backbone,
-)
-from .checkpoint import CheckpointError, load_state_dict_file, load_state_dict_strict
+"""torch.hub entry points (official names): backbones and segmentors. `hubconf.py` re-exports these lists."""
 
-__all__ = [
-    "ARCHS",
-    "CheckpointError",
-    "Weights",
-    "dinov3_vit7b16",
-    "dinov3_vitb16",
-    "dinov3_vith16plus",
-    "dinov3_vitl16",
-    "dinov3_vitl16plus",
-    "dinov3_vits16",
-    "dinov3_vits16plus",
-    "load_state_dict_file",
-    "load_state_dict_strict",
-    "make_backbone",
-]
+from .backbones import *  # noqa: F403
+from .backbones import __all__ as _backbones
+from .segmentors import *  # noqa: F403
+from .segmentors import __all__ as _segmentors
+
+__all__ = sorted(set(_backbones) | set(_segmentors))

@@ -28,8 +28,12 @@ class Sample:
     name: str  # unique name within the split, e.g. "validation/ADE_val_00000001" -> used to save predictions
 
 
-def reduce_zero_label(label: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """0 -> ignore, k -> k-1; a value already equal to ``ignore_index`` stays ignored (as mmseg)."""
+def reduce_zero_label(label, ignore_index: int = IGNORE_INDEX):
+    """0 -> ignore, k -> k-1; a value already equal to ``ignore_index`` stays ignored (as mmseg). For numpy arrays
+    and tensors (int64 out)."""
+    if isinstance(label, torch.Tensor):
+        label = label.long()
+        return torch.where((label == 0) | (label == ignore_index), torch.full_like(label, ignore_index), label - 1)
     out = label.astype(np.int64) - 1
     out[(label == 0) | (label == ignore_index)] = ignore_index
     return out

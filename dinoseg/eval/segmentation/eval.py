@@ -3,20 +3,17 @@
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
-from tqdm import tqdm
 
-from ... import distributed
-from ...data.loaders import make_data_loader
-from .inference import make_tta_inference
+from ...data.datasets.base import IGNORE_INDEX
+from ...engine import reporting
+from ...models.frozen import set_train_mode
+from .inference import AccumulatorBuffer, InferenceSettings
 from .metrics import SEGMENTATION_METRICS, SUMMARY_NAMES, SegmentationMetrics, format_per_class_table
-from .setup import inference_kwargs
 
 logger = logging.getLogger("dinoseg")
 
@@ -24,44 +21,27 @@ RESULTS_FILENAME = "results-semantic-segmentation.csv"
 METRICS_FILENAME = "results-semantic-segmentation.json"
 
 
-def make_val_loader(dataset, cfg: DictConfig) -> torch.utils.data.DataLoader:
-    """Batch size 1 (images keep their own sizes, labels their original resolution), sharded over ranks
-    without padding, so every sample is counted exactly once."""
-    if cfg.eval.max_val_samples is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), cfg.eval.max_val_samples)))
-    return make_data_loader(dataset, batch_size=1, num_workers=min(cfg.train.num_workers, 2), shuffle=False,
-                            seed=cfg.seed, pad_shards=False)
-
-
-def whole_image_size(image: torch.Tensor, model) -> tuple[int, int]:
-    """Whole-image mode runs at the eval resize, rounded up to the backbone's patch grid."""
-    patch = getattr(model.segmentation_model[0], "patch_size", 16)
-    return tuple(-(-s // patch) * patch for s in image.shape[-2:])
-
-
 @torch.no_grad()
-def evaluate_segmentation_model(model, loader, cfg: DictConfig, num_classes: int, device: torch.device,
+def evaluate_segmentation_model(model, loader, settings: InferenceSettings, num_classes: int, device: torch.device,
                                 class_names=None, save_dir: Path | None = None, progress: bool = True) -> dict:
     """Dataset metrics (identical on every rank) of `model` on `loader`'s shard, all-reduced over ranks."""
     was_training = model.training
     model.eval()
-    kwargs = inference_kwargs(cfg)
-    metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=255, class_names=class_names, device=device)
-    show = progress and distributed.is_main_process()
-    for index, (image, label) in zip(loader.sampler, tqdm(loader, desc="eval", disable=not show, leave=False,
-                                                             mininterval=0.1 if sys.stderr.isatty() else 10.0)):
+    buffer = AccumulatorBuffer()  # one sliding-window accumulator for the whole loop
+    metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=IGNORE_INDEX, class_names=class_names,
+                                  device=device)
+    bar = reporting.progress(desc="eval", leave=False, iterable=loader) if progress else loader
+    for index, (image, label) in zip(loader.sampler, bar):
         image = image.to(device)
         label = label[0].to(device)
-        if kwargs["inference_mode"] == "whole":
-            kwargs["crop_size"] = whole_image_size(image, model)
-        probs = make_tta_inference(image, model, rescale_to=tuple(label.shape[-2:]), **kwargs)
+        probs = settings(image, model, rescale_to=tuple(label.shape[-2:]), buffer=buffer)
         pred = probs.argmax(dim=1)[0]
         metrics.update(pred, label)
         if save_dir is not None:
             name = _sample_name(loader.dataset, index)
             Image.fromarray(pred.to(torch.uint8).cpu().numpy()).save(save_dir / f"{Path(name).stem}.png")
     metrics.all_reduce()
-    model.train(was_training)
+    set_train_mode(model, was_training)
     results = metrics.compute()
     per_class = metrics.per_class()
     results["per_class"] = {

@@ -16,14 +16,20 @@ averaging of overlapping crops, resize to `rescale_to`, un-flip, output activati
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data.transforms import to_pair
+
 __all__ = [
     "AccumulatorBuffer",
+    "InferenceMode",
+    "InferenceSettings",
     "make_inference",
     "make_tta_inference",
     "mask_classification_to_semantic",
@@ -33,6 +39,11 @@ __all__ = [
 ]
 
 _SOFTMAX = partial(F.softmax, dim=1)
+
+
+class InferenceMode(Enum):
+    WHOLE = "whole"
+    SLIDE = "slide"
 
 
 def mask_classification_to_semantic(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
@@ -98,11 +109,11 @@ class AccumulatorBuffer:
         self._blocks.clear()
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return pair
+def whole_image_size(image: torch.Tensor, segmentation_model: nn.Module) -> tuple[int, int]:
+    """The image's size rounded up to the backbone's patch grid (whole-image mode without a crop size)."""
+    side = getattr(segmentation_model, "segmentation_model", [segmentation_model])[0]
+    patch = getattr(side, "patch_size", 1)  # a model that names no patch size takes any size
+    return tuple(-(-s // patch) * patch for s in image.shape[-2:])
 
 
 def _model_device(model: nn.Module, default: torch.device) -> torch.device:
@@ -116,8 +127,8 @@ def slide_crop_boxes(height: int, width: int, crop_size, stride) -> list[tuple[i
     All windows have the same size `(min(h_crop, height), min(w_crop, width))`. A stride larger than the crop
     would leave pixels uncovered, so it is an error.
     """
-    h_crop, w_crop = _pair(crop_size, "crop_size")
-    h_stride, w_stride = _pair(stride, "stride")
+    h_crop, w_crop = to_pair(crop_size, "crop_size")
+    h_stride, w_stride = to_pair(stride, "stride")
     if h_stride > h_crop or w_stride > w_crop:
         raise ValueError(
             f"stride {(h_stride, w_stride)} is larger than crop_size {(h_crop, w_crop)}: pixels would be skipped"
@@ -269,13 +280,13 @@ def make_inference(
 ) -> torch.Tensor:
     """Class scores [B, C, *rescale_to] for images x [B, 3, H, W].
 
-    "whole": one prediction on x resized to `crop_size` (x as it is when `crop_size` is None).
+    "whole": one prediction on x resized to `crop_size` (None: x's size rounded up to the backbone's patch grid).
     "slide": `slide_inference` with `crop_size` / `stride`, then a bilinear resize to `rescale_to`.
     `apply_horizontal_flip` flips the prediction back (x is the flipped image); `output_activation` (e.g.
     softmax over dim 1) is applied last. `buffer` is passed to `slide_inference`: without a resize, flip or
     activation the result is a view of it.
     """
-    rescale_to = _pair(rescale_to, "rescale_to")
+    rescale_to = to_pair(rescale_to, "rescale_to")
     if inference_mode == "slide":
         if crop_size is None or stride is None:
             raise ValueError("make_inference(inference_mode='slide') needs crop_size and stride")
@@ -293,8 +304,9 @@ def make_inference(
             pred = F.interpolate(pred, size=rescale_to, mode="bilinear", align_corners=False)
     elif inference_mode == "whole":
         x = x.to(_model_device(segmentation_model, x.device))
-        if crop_size is not None and x.shape[-2:] != _pair(crop_size, "crop_size"):
-            x = F.interpolate(x, size=_pair(crop_size, "crop_size"), mode="bilinear", align_corners=False)
+        size = to_pair(crop_size, "crop_size") if crop_size is not None else whole_image_size(x, segmentation_model)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         pred = _class_scores(segmentation_model.predict(x, rescale_to=rescale_to)).float()
     else:
         raise ValueError(f"unknown inference_mode {inference_mode!r}; expected 'whole' or 'slide'")
@@ -379,3 +391,25 @@ def make_tta_inference(
             n_preds += 1
         del scaled
     return total.div_(n_preds)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How evaluation and prediction turn an image into class probabilities; built once per run."""
+
+    mode: InferenceMode = InferenceMode.SLIDE
+    crop_size: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    crop_batch_size: int = 8
+    tta_ratios: tuple[float, ...] = (1.0,)  # scales of the short side; with use_flip: test-time augmentation
+    use_flip: bool = False
+
+    def __call__(self, image: torch.Tensor, segmentation_model: nn.Module, rescale_to,
+                 buffer: AccumulatorBuffer | None = None) -> torch.Tensor:
+        """Softmax probabilities [B, C, *rescale_to] of `image` [B, 3, H, W] (the eval transform's output)."""
+        whole = self.mode is InferenceMode.WHOLE
+        return make_tta_inference(
+            image, segmentation_model, rescale_to=rescale_to, tta_ratios=self.tta_ratios, use_flip=self.use_flip,
+            inference_mode=self.mode.value, crop_size=None if whole else self.crop_size, stride=self.stride,
+            crop_batch_size=self.crop_batch_size, buffer=buffer,
+        )

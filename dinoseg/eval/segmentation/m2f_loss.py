@@ -19,10 +19,11 @@ within half a pixel of the image border, see `_SAMPLE_PADDING`).
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+
+from ...engine import distributed
 
 __all__ = [
     "HungarianMatcher",
@@ -239,11 +240,7 @@ def _valid(target: dict, like: torch.Tensor) -> torch.Tensor | None:
 def _num_masks(targets: Sequence[dict], device: torch.device) -> float:
     """Number of target masks averaged over processes (so every rank divides by the same number), at least 1."""
     num = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    world_size = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num)
-        world_size = dist.get_world_size()
-    return max(num.item() / world_size, 1.0)
+    return max(distributed.all_reduce_sum(num).item() / distributed.get_world_size(), 1.0)
 
 
 class SetCriterion(nn.Module):

@@ -8,7 +8,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
+
+from ...data.datasets.base import reduce_zero_label
+from ...engine import distributed
 
 __all__ = [
     "SEGMENTATION_METRICS",
@@ -29,9 +31,8 @@ SUMMARY_NAMES = {"mIoU": "mIoU", "acc": "mAcc", "aAcc": "aAcc", "dice": "mDice",
 
 
 def preprocess_nonzero_labels(label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """`reduce_zero_label`: label 0 becomes `ignore_index`, every other label `l` becomes `l - 1`."""
-    label = label.long()
-    return torch.where((label == 0) | (label == ignore_index), torch.full_like(label, ignore_index), label - 1)
+    """`reduce_zero_label` (the official name): label 0 becomes `ignore_index`, every other label `l` becomes `l - 1`."""
+    return reduce_zero_label(label, ignore_index)
 
 
 def calculate_intersect_and_union(
@@ -185,11 +186,9 @@ class SegmentationMetrics:
         """Sum the areas (and sample counts) of all processes, once; a no-op without torch.distributed."""
         if self._reduced:
             raise RuntimeError("SegmentationMetrics.all_reduce() called twice: samples would be counted again")
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed.get_world_size() > 1:
             counts = torch.cat([self.areas.flatten(), self.areas.new_tensor([self.num_samples])])
-            if dist.get_backend() == "nccl":  # NCCL only reduces CUDA tensors
-                counts = counts.cuda()
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            counts = distributed.all_reduce_sum(counts)
             self.areas = counts[:-1].view(4, self.num_classes).to(self.areas.device)
             self.num_samples = int(counts[-1])
         self._reduced = True

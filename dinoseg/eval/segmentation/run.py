@@ -1,6 +1,5 @@
-"""Entry points behind the `dinoseg` command: train, eval, predict, demo."""
+"""The segmentation task behind the `dinoseg` command: train, eval, predict, demo, check-data."""
 
-import json
 import logging
 from pathlib import Path
 
@@ -9,24 +8,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ... import distributed
-from ...data.io import DatasetError, load_image
-from .checkpointer import LAST, load_head_state_dict, read_head_weights
-from .config import ConfigError
-from .eval import evaluate_segmentation_model, make_val_loader, whole_image_size, write_results
-from .inference import make_tta_inference
-from .setup import build_eval_transforms, build_model, build_val_dataset, inference_kwargs
-from .train import prepare_output_dir, train_segmentation
+from ...data import make_dataset
+from ...data.check import check_dataset, format_report
+from ...data.io import IMAGE_EXTENSIONS, DatasetError, load_image
+from ...engine import distributed, reporting
+from ...engine.checkpoint import LAST, read_head_weights
+from ...engine.config import ConfigError
+from ...engine.rundir import prepare_output_dir
+from ...engine.training import evaluation_loader
+from .config import SegmentationConfig, config_from_layers
+from .decoders import resolve_num_classes
+from .eval import evaluate_segmentation_model, format_metrics_table, write_results
+from .inference import AccumulatorBuffer
+from .models.released import SegmentorWeights, head_location
+from .setup import build_eval_transforms, build_model_with_head, build_val_dataset, inference_settings
+from .train import train_segmentation
 
 logger = logging.getLogger("dinoseg")
 
-
-def infer_num_classes(head_weights: dict) -> int | None:
-    if "segmentation_model.1.conv.weight" in head_weights:  # linear head
-        return int(head_weights["segmentation_model.1.conv.weight"].shape[0])
-    key = "segmentation_model.1.predictor.class_embed.weight"  # Mask2Former: + the no-object class
-    return int(head_weights[key].shape[0]) - 1 if key in head_weights else None
-
+NAME = "segmentation"
+SCHEMA = SegmentationConfig
+DEMO_CONFIG = "demo.yaml"
 
 # Released segmentors usable by name (`head=dinov3_vit7b16_ms`): the config they imply.
 HUB_SEGMENTORS = {
@@ -35,28 +37,19 @@ HUB_SEGMENTORS = {
 }
 
 
-def _apply_hub_segmentor(cfg: DictConfig, name: str) -> str:
-    """Set the architecture of a released segmentor in `cfg`; return its head file (torch hub cache)."""
-    from ...hub.segmentors import SegmentorWeights, _head_location
-
-    for key, value in HUB_SEGMENTORS[name].items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return _head_location(HUB_SEGMENTORS[name]["model.dino_hub"], SegmentorWeights.ADE20K, official=True)
-
-
-def load_segmentor(cfg: DictConfig, head_path: str | None, device: torch.device, num_classes: int | None = None):
-    """The configured segmentor with a trained head; `num_classes` falls back to the head checkpoint's.
-    `head_path` may also name a released segmentor (`dinov3_vit7b16_ms`)."""
+def load_segmentor(cfg: DictConfig, device: torch.device):
+    """The configured segmentor with the trained head `cfg.head` (a checkpoint, or a released segmentor's name);
+    returns (model in eval mode, number of classes)."""
+    head_path = cfg.head
     if not head_path:
-        raise ConfigError("load_from: a head checkpoint is required (load_from=PATH or head=PATH)")
+        raise ConfigError("head: a head checkpoint is required (head=PATH)")
     if head_path in HUB_SEGMENTORS:
-        head_path = _apply_hub_segmentor(cfg, head_path)
+        for key, value in HUB_SEGMENTORS[head_path].items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        head_path = head_location(cfg.model.dino_hub, SegmentorWeights.ADE20K, released=True)
     weights = read_head_weights(head_path)
-    num_classes = cfg.decoder_head.num_classes or num_classes or infer_num_classes(weights)
-    if num_classes is None:
-        raise ConfigError("decoder_head.num_classes: cannot infer it from the head checkpoint; set it")
-    model = build_model(cfg, num_classes)
-    load_head_state_dict(model, weights, source=str(head_path))
+    num_classes = resolve_num_classes(cfg.decoder_head, head_state_dict=weights)
+    model = build_model_with_head(cfg, num_classes, weights, source=str(head_path))
     return model.to(device).eval(), num_classes
 
 
@@ -64,15 +57,18 @@ def run_eval(cfg: DictConfig) -> dict:
     device = distributed.setup(cfg.device)
     out = prepare_output_dir(cfg.output_dir) if distributed.is_main_process() else Path(cfg.output_dir)
     dataset = build_val_dataset(cfg)
-    model, num_classes = load_segmentor(cfg, cfg.load_from, device, dataset.num_classes)
+    model, num_classes = load_segmentor(cfg, device)
     save_dir = None
     if cfg.eval.save_predictions:
         save_dir = out / "predictions"
         save_dir.mkdir(parents=True, exist_ok=True)
-    results = evaluate_segmentation_model(model, make_val_loader(dataset, cfg), cfg, num_classes, device,
+    loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
+                               max_samples=cfg.eval.max_val_samples)
+    results = evaluate_segmentation_model(model, loader, inference_settings(cfg), num_classes, device,
                                           getattr(dataset, "class_names", None), save_dir=save_dir)
     if distributed.is_main_process():
         write_results(results, out)
+        print(format_metrics_table(results))
     return results
 
 
@@ -96,11 +92,8 @@ def _dataset_palette(cfg: DictConfig):
     try:
         dataset = build_val_dataset(cfg)
     except (DatasetError, FileNotFoundError):
-        return None, None
-    return getattr(dataset, "palette", None), getattr(dataset, "class_names", None)
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+        return None
+    return getattr(dataset, "palette", None)
 
 
 def list_images(inputs: list[str]) -> list[Path]:
@@ -108,7 +101,7 @@ def list_images(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
         elif p.exists():
             paths.append(p)
         else:
@@ -125,22 +118,20 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num
     images = list_images(inputs)
     out = prepare_output_dir(output)
     if model is None:
-        model, num_classes = load_segmentor(cfg, cfg.load_from, device)
-    palette, _ = _dataset_palette(cfg)
+        model, num_classes = load_segmentor(cfg, device)
+    palette = _dataset_palette(cfg)
     if not palette or len(palette) < num_classes:
         palette = default_palette(num_classes)
     lut = np.array(palette, dtype=np.uint8)
     transform = build_eval_transforms(cfg)
-    kwargs = inference_kwargs(cfg)
+    settings = inference_settings(cfg)
+    buffer = AccumulatorBuffer()
     written = []
     for path in images:
         raw = load_image(str(path))  # uint8 [3, H, W], any mode -> RGB
         dummy = torch.zeros(raw.shape[-2:], dtype=torch.int64)
         image, _ = transform(raw, dummy)
-        image = image.unsqueeze(0).to(device)
-        if kwargs["inference_mode"] == "whole":
-            kwargs["crop_size"] = whole_image_size(image, model)
-        probs = make_tta_inference(image, model, rescale_to=tuple(raw.shape[-2:]), **kwargs)
+        probs = settings(image.unsqueeze(0).to(device), model, rescale_to=tuple(raw.shape[-2:]), buffer=buffer)
         pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         colour = lut[pred]
         rgb = raw.permute(1, 2, 0).numpy()
@@ -149,50 +140,52 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num
             target = out / f"{path.stem}_{suffix}.png"
             Image.fromarray(array).save(target)
             written.append(target)
+    print(f"wrote {len(written)} files to {output}")
     return written
-
-
-def plot_history(run_dir: Path) -> Path:
-    """loss and validation mIoU over iterations, from metrics.jsonl, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    train = [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["iteration"], r["val"]["mIoU"]) for r in rows if "val" in r]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        ax[0].plot(*zip(*train), marker=".")
-    ax[0].set(title="training loss", xlabel="iteration", ylabel="loss")
-    if val:
-        ax[1].plot(*zip(*val), marker="o", color="tab:green")
-    ax[1].set(title="validation mIoU", xlabel="iteration", ylabel="mIoU", ylim=(0, 1))
-    fig.tight_layout()
-    path = run_dir / "training_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def run_demo(cfg: DictConfig) -> dict:
     """Train on the synthetic set, evaluate, print the per-class table, save predictions and curves."""
-    from .eval import format_metrics_table
-
     results = train_segmentation(cfg)
     out = Path(cfg.output_dir)
     if not distributed.is_main_process():
         return results
     print(format_metrics_table(results))
-    model, num_classes = load_segmentor(cfg, str(out / LAST), distributed.resolve_device(cfg.device))
+    cfg.head = str(out / LAST)
+    model, num_classes = load_segmentor(cfg, distributed.resolve_device(cfg.device))
     dataset = build_val_dataset(cfg)
     sample_dir = out / "demo_inputs"
     sample_dir.mkdir(exist_ok=True)
     for i in range(min(4, len(dataset))):
         Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
     run_predict(cfg, [str(sample_dir)], str(out / "predictions"), model=model, num_classes=num_classes)
-    curves = plot_history(out)
+    curves = reporting.plot_history(out, {"mIoU": (0, 1)})
     print(f"mIoU {results['mIoU']:.4f} (chance level about {1 / num_classes:.3f}); run directory: {out}")
     print(f"curves: {curves}; predictions: {out / 'predictions'}")
     return results
+
+
+def run_check_data(cfg: DictConfig, split: str) -> int:
+    """Walk one split once; print every problem by file and the class histogram. Exit status 1 on problems."""
+    dataset = make_dataset(cfg.datasets[split], default_root=cfg.datasets.root, strict=False)
+    report = check_dataset(dataset, progress=True)
+    print(format_report(report))
+    return 0 if not report.problems else 1
+
+
+def main(command: str, cfg: DictConfig, args) -> int:
+    """Run one `dinoseg` subcommand on a loaded segmentation config."""
+    if command == "train":
+        train_segmentation(cfg)
+    elif command == "eval":
+        run_eval(cfg)
+    elif command == "predict":
+        run_predict(cfg, args.input, args.output)
+    elif command == "demo":
+        run_demo(cfg)
+    elif command == "check-data":
+        return run_check_data(cfg, args.split)
+    return 0
+
+
+__all__ = ["DEMO_CONFIG", "NAME", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]

@@ -24,20 +24,10 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
+from ...data.datasets.base import IGNORE_INDEX
+from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, to_pair
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-def _pair(size, name: str) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{name} must be an int or (height, width) of positive ints, got {size}")
-    return size
 
 
 def _rand_uniform(low: float, high: float) -> float:
@@ -120,7 +110,7 @@ class RandomCropCatMax:
     crops are not all sky or wall (mmseg's ``cat_max_ratio``)."""
 
     def __init__(self, crop_size, cat_max_ratio: float = 0.75, max_tries: int = 10, ignore_index: int = IGNORE_INDEX):
-        self.crop_size = _pair(crop_size, "crop_size")
+        self.crop_size = to_pair(crop_size, "crop_size")
         self.cat_max_ratio, self.max_tries, self.ignore_index = float(cat_max_ratio), int(max_tries), ignore_index
 
     def _draw(self, height: int, width: int) -> tuple[int, int, int, int]:
@@ -223,7 +213,7 @@ class PadToSize:
     ``ignore_index`` so the padding never counts in the loss."""
 
     def __init__(self, size, image_value: float = 0.0, ignore_index: int = IGNORE_INDEX):
-        self.size = _pair(size, "crop_size")
+        self.size = to_pair(size, "crop_size")
         self.image_value, self.ignore_index = image_value, ignore_index
 
     def __call__(self, image, label):

@@ -1,17 +1,34 @@
 """Full segmentors: a frozen backbone side plus a decoder head, with the official state-dict layout."""
 
 import contextlib
+from enum import Enum
 
 import torch
 from torch import nn
 
 from dinoseg.eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, get_backbone_out_indices
+from dinoseg.models.checkpoint import CheckpointError, load_head_state_dict
 
 from .heads.linear_head import LinearHead
+from .m2f import AdapterOptions, Mask2FormerOptions, build_m2f_modules
 
-__all__ = ["BackboneLayersSet", "FeatureDecoder", "LinearHead", "build_segmentation_decoder"]
+__all__ = [
+    "AdapterOptions",
+    "BackboneLayersSet",
+    "DecoderType",
+    "FeatureDecoder",
+    "LinearHead",
+    "Mask2FormerOptions",
+    "build_segmentation_decoder",
+    "build_segmentor_with_head",
+]
 
-DECODER_TYPES = ("linear", "m2f")
+
+class DecoderType(str, Enum):
+    """Segmentation heads; a `str` so that the official string arguments ("linear", "m2f") compare equal."""
+
+    LINEAR = "linear"
+    M2F = "m2f"  # ViT-Adapter + Mask2Former
 
 
 class FeatureDecoder(nn.Module):
@@ -48,52 +65,55 @@ class FeatureDecoder(nn.Module):
             return self.segmentation_model[1].predict(features, rescale_to=tuple(rescale_to))
 
 
+def _layer_set(value: BackboneLayersSet | str) -> BackboneLayersSet:
+    if isinstance(value, BackboneLayersSet):
+        return value
+    try:
+        return BackboneLayersSet(str(value).upper())
+    except ValueError:
+        choices = [m.value for m in BackboneLayersSet]
+        raise ValueError(f"unknown backbone_out_layers {value!r}; expected one of {choices}") from None
+
+
+def _decoder_type(value: DecoderType | str) -> DecoderType:
+    try:
+        return DecoderType(value)
+    except ValueError:
+        raise ValueError(f"unknown decoder_type {value!r}; expected one of {[t.value for t in DecoderType]}") from None
+
+
 def build_segmentation_decoder(
     backbone_model: nn.Module,
     backbone_out_layers: BackboneLayersSet | str = BackboneLayersSet.FOUR_EVEN_INTERVALS,
-    decoder_type: str = "m2f",
+    decoder_type: DecoderType | str = DecoderType.LINEAR,
     hidden_dim: int = 2048,
     num_classes: int = 150,
-    autocast_dtype: torch.dtype = torch.float32,
     dropout: float = 0.1,
+    autocast_dtype: torch.dtype = torch.float32,
+    *,
     use_batchnorm: bool = True,
     use_cls_token: bool = False,
-    **m2f_options,
+    m2f_options: Mask2FormerOptions | None = None,
 ) -> FeatureDecoder:
-    """Segmentor on a (frozen) DINOv3 backbone; `decoder_type` is "linear" or "m2f" (ViT-Adapter + Mask2Former).
+    """Segmentor on a (frozen) DINOv3 backbone, with the official positional order and defaults.
 
-    `hidden_dim` and `m2f_options` only apply to "m2f" (options given to "linear" are an error); `dropout`,
-    `use_batchnorm`, `use_cls_token` only to "linear" (ignored by "m2f", as in the official code, so one config
-    can drive both).
+    `decoder_type` "linear" uses `dropout`, `use_batchnorm`, `use_cls_token`; "m2f" (ViT-Adapter + Mask2Former)
+    uses `hidden_dim` and `m2f_options` (default: the official head). Arguments of the other head are ignored,
+    as in the official code, so that one config can drive both.
     """
-    if isinstance(backbone_out_layers, str):
-        try:
-            backbone_out_layers = BackboneLayersSet(backbone_out_layers.upper())
-        except ValueError:
-            choices = [m.value for m in BackboneLayersSet]
-            raise ValueError(
-                f"unknown backbone_out_layers {backbone_out_layers!r}; expected one of {choices}"
-            ) from None
-    if decoder_type not in DECODER_TYPES:
-        raise ValueError(f"unknown decoder_type {decoder_type!r}; expected one of {list(DECODER_TYPES)}")
+    layers = _layer_set(backbone_out_layers)
+    kind = _decoder_type(decoder_type)
     n_blocks = getattr(backbone_model, "n_blocks", None)
     if n_blocks is None:
         raise ValueError(f"backbone {type(backbone_model).__name__} has no `n_blocks` attribute")
-    out_indices = get_backbone_out_indices(n_blocks, backbone_out_layers)
+    out_indices = get_backbone_out_indices(n_blocks, layers)
 
-    if decoder_type == "m2f":
-        from .m2f import build_m2f_modules  # deferred: the Mask2Former code is only needed for this decoder
-
+    if kind is DecoderType.M2F:
         backbone_side, head = build_m2f_modules(
-            backbone_model,
-            interaction_indexes=out_indices,
-            hidden_dim=hidden_dim,
-            num_classes=num_classes,
-            **m2f_options,
+            backbone_model, interaction_indexes=out_indices, hidden_dim=hidden_dim, num_classes=num_classes,
+            options=m2f_options,
         )
     else:
-        if m2f_options:
-            raise ValueError(f"options {sorted(m2f_options)} only apply to decoder_type 'm2f', not 'linear'")
         # Autocast is handled once by FeatureDecoder (on the input's device), so the backbone side adds none.
         backbone_side = ModelWithIntermediateLayers(
             backbone_model,
@@ -110,3 +130,16 @@ def build_segmentation_decoder(
             dropout=dropout,
         )
     return FeatureDecoder(nn.ModuleList([backbone_side, head]), autocast_dtype=autocast_dtype)
+
+
+def build_segmentor_with_head(backbone_model: nn.Module, head_state_dict: dict, source: str, **decoder_args) -> FeatureDecoder:
+    """`build_segmentation_decoder(backbone_model, **decoder_args)` with its head taken from `head_state_dict`
+    (strict): the head is built on the meta device and the checkpoint tensors are assigned, so its memory is
+    spent once. `source` names the checkpoint in errors."""
+    with torch.device("meta"):
+        segmentor = build_segmentation_decoder(backbone_model, **decoder_args)
+    load_head_state_dict(segmentor, head_state_dict, source=source, assign=True)
+    left = [n for n, t in (*segmentor.named_parameters(), *segmentor.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: tensors left uninitialised after loading: {', '.join(left[:5])}")
+    return segmentor

@@ -1,6 +1,11 @@
-"""Builds the ViT-Adapter + Mask2Former pair used by ``build_segmentation_decoder(decoder_type="m2f")``."""
+"""The ViT-Adapter + Mask2Former pair behind ``build_segmentation_decoder(decoder_type="m2f")``, and its options.
+
+The option dataclasses are also the ``decoder_head.m2f`` config section: the config hands them over unchanged.
+Defaults are the official head's; changing a shape breaks the released checkpoints.
+"""
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -8,44 +13,63 @@ from .backbone.dinov3_adapter import DINOv3_Adapter
 from .heads.mask2former_head import Mask2FormerHead
 
 
+@dataclass
+class AdapterOptions:
+    conv_inplane: int = 64  # spatial prior module width
+    n_points: int = 4  # deformable sampling points per head and level
+    deform_num_heads: int = 16
+    drop_path_rate: float = 0.3  # stochastic depth of the extractor FFNs (training only)
+    with_cffn: bool = True  # the ConvFFN after each extractor
+    cffn_ratio: float = 0.25
+    deform_ratio: float = 0.5  # value projection width / embed_dim in the extractors
+    use_extra_extractor: bool = True  # two more extractors on the last interaction
+    with_cp: bool = True  # gradient checkpointing of the extractors (less memory, more compute)
+
+
+@dataclass
+class Mask2FormerOptions:
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
+    num_queries: int = 100
+    nheads: int = 16
+    dim_feedforward: int = 4096
+    enc_layers: int = 6
+    dec_layers: int = 9
+    pixel_decoder_nheads: int = 16
+
+
 def build_m2f_modules(
     backbone_model: nn.Module,
     interaction_indexes: Sequence[int],
     hidden_dim: int = 2048,
     num_classes: int = 150,
-    *,
-    num_queries: int = 100,
-    nheads: int = 16,
-    dim_feedforward: int = 4096,
-    enc_layers: int = 6,
-    dec_layers: int = 9,
-    pixel_decoder_nheads: int = 16,
-    **adapter_options,
+    options: Mask2FormerOptions | None = None,
 ) -> tuple[DINOv3_Adapter, Mask2FormerHead]:
-    """Returns ``(adapter, head)``: ``head(adapter(images))`` gives Mask2Former outputs.
-
-    Args:
-        backbone_model: a DINOv3 ViT; the adapter freezes it.
-        interaction_indexes: backbone blocks the adapter reads (4 of them, e.g. ``FOUR_EVEN_INTERVALS``).
-        hidden_dim, num_classes, num_queries, nheads, dim_feedforward, enc_layers, dec_layers,
-            pixel_decoder_nheads: head sizes (defaults: the official head).
-        adapter_options: extra :class:`DINOv3_Adapter` keywords (``conv_inplane``, ``n_points``,
-            ``deform_num_heads``, ``drop_path_rate``, ``with_cffn``, ``cffn_ratio``, ``deform_ratio``,
-            ``add_vit_feature``, ``use_extra_extractor``, ``with_cp``, ``norm_layer``).
-
-    Module and parameter names match the official checkpoints once placed in
-    ``nn.ModuleList([adapter, head])``.
-    """
-    adapter = DINOv3_Adapter(backbone_model, interaction_indexes=list(interaction_indexes), **adapter_options)
+    """``(adapter, head)``: ``head(adapter(images))`` gives Mask2Former outputs; the adapter freezes the backbone.
+    Module and parameter names match the official checkpoints once placed in ``nn.ModuleList([adapter, head])``."""
+    o = options or Mask2FormerOptions()
+    a = o.adapter
+    adapter = DINOv3_Adapter(
+        backbone_model,
+        interaction_indexes=list(interaction_indexes),
+        conv_inplane=a.conv_inplane,
+        n_points=a.n_points,
+        deform_num_heads=a.deform_num_heads,
+        drop_path_rate=a.drop_path_rate,
+        with_cffn=a.with_cffn,
+        cffn_ratio=a.cffn_ratio,
+        deform_ratio=a.deform_ratio,
+        use_extra_extractor=a.use_extra_extractor,
+        with_cp=a.with_cp,
+    )
     head = Mask2FormerHead(
         in_channels=adapter.embed_dim,
         hidden_dim=hidden_dim,
         num_classes=num_classes,
-        num_queries=num_queries,
-        nheads=nheads,
-        dim_feedforward=dim_feedforward,
-        enc_layers=enc_layers,
-        dec_layers=dec_layers,
-        pixel_decoder_nheads=pixel_decoder_nheads,
+        num_queries=o.num_queries,
+        nheads=o.nheads,
+        dim_feedforward=o.dim_feedforward,
+        enc_layers=o.enc_layers,
+        dec_layers=o.dec_layers,
+        pixel_decoder_nheads=o.pixel_decoder_nheads,
     )
     return adapter, head

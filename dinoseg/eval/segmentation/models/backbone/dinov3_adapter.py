@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint
 
-from dinoseg.eval.utils import freeze_backbone
+from dinoseg.models.frozen import freeze_backbone
 
 from ..utils.ms_deform_attn import MSDeformAttn
 

@@ -20,7 +20,6 @@ class Mask2FormerHead(nn.Module):
         num_queries, nheads, dim_feedforward, dec_layers: transformer decoder sizes.
         enc_layers, pixel_decoder_nheads: deformable pixel-decoder encoder sizes (it shares
             ``dim_feedforward``).
-        ignore_value, loss_weight: kept for the training code.
 
     Defaults are the official head's (100 queries, 16 heads, FFN 4096, 6 encoder and 9 decoder layers).
     """
@@ -36,15 +35,10 @@ class Mask2FormerHead(nn.Module):
         enc_layers: int = 6,
         dec_layers: int = 9,
         pixel_decoder_nheads: int = 16,
-        ignore_value: int = 255,
-        loss_weight: float = 1.0,
     ):
         super().__init__()
         in_channels = [in_channels] * 4 if isinstance(in_channels, int) else list(in_channels)
         self.num_classes = num_classes
-        self.ignore_value = ignore_value
-        self.loss_weight = loss_weight
-        self.common_stride = 4
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             in_channels,
             conv_dim=hidden_dim,

@@ -58,8 +58,14 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if is_enabled():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum over processes (in place when the tensor can travel as it is; NCCL only reduces CUDA tensors)."""
+    if not is_enabled():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        moved = tensor.cuda()
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return tensor.copy_(moved)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -69,14 +75,6 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not is_enabled():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class CrossProcessBatchNorm2d(torch.nn.BatchNorm2d):

@@ -1,4 +1,4 @@
-"""The one place that reads checkpoint files and converts foreign key layouts (Hugging Face) to ours."""
+"""The one place that reads checkpoint files, loads them strictly and converts foreign key layouts (Hugging Face)."""
 
 import hashlib
 import json
@@ -11,6 +11,8 @@ from urllib.request import url2pathname
 
 import torch
 from torch import nn
+
+from .frozen import frozen_prefixes
 
 
 class CheckpointError(RuntimeError):
@@ -98,9 +100,10 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> d
     return obj
 
 
-def describe_mismatch(module: nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
-    """'' when `state_dict` fits `module` exactly, else a summary of missing/unexpected/mis-shaped keys."""
-    own = module.state_dict()
+def describe_mismatch(module: nn.Module | dict, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """'' when `state_dict` fits `module` (or its state dict) exactly, else a summary of missing / unexpected /
+    mis-shaped keys."""
+    own = module if isinstance(module, dict) else module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [
@@ -123,6 +126,34 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str = "s
         raise CheckpointError(f"{source}: does not fit {type(module).__name__}: {problem}")
     module.load_state_dict(state_dict, strict=True, assign=assign)
     return module
+
+
+def find_in_hub_cache(filename: str, description: str, url: str) -> Path:
+    """A released file in the torch hub cache; dinoseg never downloads one unless given its https URL."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not cached.exists():
+        raise CheckpointError(
+            f"{cached}: {description} not found; dinoseg never downloads implicitly: download it from Meta "
+            f"(e.g. {url}) and pass weights=<path>, or pass the https URL explicitly"
+        )
+    return cached
+
+
+def load_head_state_dict(model: nn.Module, state_dict: dict, source: str, assign: bool = False) -> None:
+    """Strict on the head: every head key must be present with its shape, and nothing else (backbone keys
+    included: the frozen backbone keeps its own weights). `assign=True` for a head built on the meta device."""
+    skip = tuple(frozen_prefixes(model))
+    stray = [k for k in state_dict if k.startswith(skip)]
+    if stray:
+        raise CheckpointError(f"{source}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}); "
+                              f"the backbone is loaded from its own checkpoint")
+    head = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    problem = describe_mismatch(head, state_dict)
+    if problem:
+        raise CheckpointError(f"{source}: head checkpoint does not fit the configured model: {problem}")
+    full = model.state_dict()
+    full.update(state_dict)
+    model.load_state_dict(full, strict=True, assign=assign)
 
 
 # -- Hugging Face transformers layout (DINOv3ViTModel) ------------------------------------------------------------

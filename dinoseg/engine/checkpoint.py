@@ -1,4 +1,4 @@
-"""Head-only checkpoints, written atomically by rank 0, with everything needed for an exact resume."""
+"""Training checkpoints: the head only, written atomically by rank 0, with everything needed for an exact resume."""
 
 import os
 import random
@@ -6,47 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from ... import distributed
-from ...hub.checkpoint import CheckpointError, load_state_dict_file
-from ..utils import FROZEN_BACKBONE
+from ..models.checkpoint import CheckpointError, load_state_dict_file
+from ..models.frozen import head_state_dict
+from . import distributed
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
-
-
-def frozen_prefixes(model: nn.Module) -> list[str]:
-    """State-dict prefixes of the frozen backbone (never saved: users have its official checkpoint)."""
-    return [name + "." for name, module in model.named_modules() if getattr(module, FROZEN_BACKBONE, False)]
-
-
-def head_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    skip = tuple(frozen_prefixes(model))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
-
-
-def load_head_state_dict(model: nn.Module, state_dict: dict, source: str, assign: bool = False) -> None:
-    """Strict on the head: every head key must be present with its shape, and nothing else (backbone keys
-    included: the frozen backbone keeps its own weights). `assign=True` for a head built on the meta device."""
-    skip = tuple(frozen_prefixes(model))
-    stray = [k for k in state_dict if k.startswith(skip)]
-    if stray:
-        raise CheckpointError(f"{source}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}); "
-                              f"the backbone is loaded from its own checkpoint")
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(x)} {t}: {', '.join(x[:5])}" for t, x in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if x]
-        raise CheckpointError(f"{source}: head checkpoint does not fit the configured model: {'; '.join(parts)}")
-    # The frozen backbone keeps its own weights; the load itself stays strict.
-    full = model.state_dict()
-    full.update(state_dict)
-    model.load_state_dict(full, strict=True, assign=assign)
 
 
 def rng_state() -> dict:
@@ -102,22 +68,19 @@ def _from_plain_rng(state: dict) -> dict:
     }
 
 
-def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, iteration: int, best: dict, config_yaml: str,
-                    extra: dict | None = None) -> None:
-    """Collective (every rank must call it: RNG states are gathered); rank 0 writes `path` atomically."""
+def save_checkpoint(path: Path, *, model, step, iteration: int, best: dict, config_yaml: str) -> None:
+    """Collective (every rank must call it: RNG states are gathered); rank 0 writes `path` atomically.
+    `step` is the `OptimizerStep` (optimizer, scheduler and gradient-scaler states)."""
     states = distributed.all_gather_object(_to_numpy(rng_state()))
     if not distributed.is_main_process():
         return
     payload = {
         "model": head_state_dict(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
+        **step.state_dict(),
         "iteration": iteration,
         "best": best,
         "rng": _to_plain(states),
         "config": config_yaml,
-        **(extra or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

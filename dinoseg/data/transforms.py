@@ -1,0 +1,12 @@
+"""Constants and helpers shared by every task's transforms."""
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def to_pair(value, name: str) -> tuple[int, int]:
+    """An int or an (height, width) pair of positive ints -> (height, width); the error names `name`."""
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair

@@ -1,0 +1,237 @@
+"""Typed run configurations shared by every task: loading (defaults < YAML files < `key=value` overrides, every key
+checked against the task's dataclass schema), the sections every task has, and saving.
+
+`load_config(schema, yaml_paths, overrides)` = `OmegaConf.merge(OmegaConf.structured(schema), *yamls, cli)`;
+OmegaConf rejects unknown keys and wrong types, and its errors become one line naming the key.
+"""
+
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .schedulers import SchedulerType
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the value at fault."""
+
+
+class Precision(Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"  # autocast on CPU and CUDA
+    FLOAT16 = "float16"  # autocast + gradient scaler, CUDA only
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.value]
+
+
+@dataclass
+class ModelConfig:
+    """The frozen backbone."""
+
+    # A hub name (dinov3_vits16 ... dinov3_vit7b16) or None to build from `backbone_kwargs`.
+    dino_hub: str | None = "dinov3_vits16"
+    # Official .pth, Hugging Face directory/safetensors, file:// or https:// URL. None = random weights
+    # (only meaningful for demos and tests).
+    pretrained_weights: str | None = None
+    # Constructor keywords: override the hub architecture, or the whole architecture when dino_hub is None.
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Seed of the random backbone weights when pretrained_weights is None (so eval/predict rebuild the same one).
+    random_init_seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 1e-3
+    gradient_clip: float = 35.0  # max gradient norm; 0 disables clipping
+
+
+@dataclass
+class SchedulerConfig:
+    type: SchedulerType = SchedulerType.WarmupOneCycleLR
+    total_iter: int = 40_000
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6  # learning-rate factor at the first warmup step
+    final_div_factor: float = float("inf")  # one-cycle: final lr = lr / div_factor / final_div_factor
+    div_factor: float = 25.0
+    poly_power: float = 0.9
+    min_lr: float = 0.0  # poly only
+
+
+def scheduler_kwargs(section) -> dict:
+    """The `constructor_kwargs` of `build_scheduler` held by a `SchedulerConfig` section."""
+    return {f.name: section[f.name] for f in fields(SchedulerConfig) if f.name not in ("type", "total_iter")}
+
+
+@dataclass
+class TrainConfig:
+    """What every task's training loop reads; tasks add their loss settings in a subclass."""
+
+    batch_size: int = 16  # images per iteration, summed over all processes
+    num_workers: int = 4  # data-loading workers per process
+    checkpoint_interval: int = 1000
+    log_interval: int = 50
+    resume: bool = False  # continue from <output_dir>/checkpoint_last.pth
+    tensorboard: bool = False
+
+
+def config_dir() -> Path:
+    """The configs shipped inside the package (found by bare name: `dinoseg train demo.yaml`)."""
+    return Path(str(resources.files("dinoseg") / "configs"))
+
+
+def find_config_file(path: str | Path) -> Path:
+    """`path` as given, else a shipped config of that name (`demo.yaml`, `configs/demo.yaml`)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    shipped = config_dir() / path.name
+    if shipped.exists():
+        return shipped
+    raise ConfigError(f"{path}: config file not found")
+
+
+def read_yaml(path: str | Path) -> DictConfig:
+    """One YAML layer; anything but a mapping at the top level is an error naming the file."""
+    path = find_config_file(path)
+    try:
+        layer = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(layer, DictConfig):
+        kind = "a list" if isinstance(layer, ListConfig) else type(layer).__name__
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, found {kind}")
+    return layer
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as e:  # any YAML error in the value
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    msg = str(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{key}: {msg}" if key and key not in msg else msg
+
+
+def _leaf_keys(node, prefix: str = "") -> dict[str, bool]:
+    """Dotted leaf keys of a config -> whether each is `???`."""
+    out = {}
+    for key in node:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            out[full] = True
+        elif isinstance(node[key], DictConfig):
+            out.update(_leaf_keys(node[key], full + "."))
+        else:
+            out[full] = False
+    return out
+
+
+def _enum_type(annotation) -> type[Enum] | None:
+    """The Enum class of a field annotated `E` or `E | None`."""
+    candidates = typing.get_args(annotation) or (annotation,)
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, Enum)), None)
+
+
+def _normalize_enums(schema: type, layer: DictConfig, prefix: str = "") -> None:
+    """Enum values in `layer` written as the member's value or name, in any case ("slide", "SLIDE", "Slide"),
+    become the member's name, which every supported OmegaConf version accepts; anything else is an error
+    listing the values."""
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        if f.name not in layer or OmegaConf.is_missing(layer, f.name):
+            continue
+        value, annotation = layer[f.name], hints[f.name]
+        enum = _enum_type(annotation)
+        if enum is not None and isinstance(value, str):
+            match = [m for m in enum if value.lower() in (str(m.value).lower(), m.name.lower())]
+            if not match:
+                fail(prefix + f.name, value, f"expected one of {[m.value for m in enum]}")
+            layer[f.name] = match[0].name
+        elif is_dataclass(annotation) and isinstance(value, DictConfig):
+            _normalize_enums(annotation, value, prefix + f.name + ".")
+
+
+def merge_layers(schema: type, layers: list[DictConfig], require: tuple[str, ...] = ("",)) -> DictConfig:
+    """Defaults of `schema` < `layers` (in order); every key checked. `require`: key prefixes whose `???` values
+    must be given (a YAML marks a value the user must give with `???`; merging would keep the default)."""
+    for layer in layers:
+        _normalize_enums(schema, layer)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    required: set[str] = set()
+    for layer in layers:
+        keys = _leaf_keys(layer)
+        required = (required - {k for k, missing in keys.items() if not missing}) | {
+            k for k, missing in keys.items() if missing}
+    required = {k for k in required if k.startswith(tuple(require))}
+    if required:
+        key = sorted(required)[0]
+        raise ConfigError(f"{key}: required value missing (add {key}=... to the command line)")
+    return cfg
+
+
+def read_layers(yaml_paths=(), overrides=()) -> list[DictConfig]:
+    """The YAML files (in order) then the `key=value` overrides, each as one layer."""
+    return [*(read_yaml(p) for p in yaml_paths), parse_overrides(list(overrides))]
+
+
+def layer_value(layers: list[DictConfig], key: str, default=None):
+    """The value the last layer that sets top-level `key` gives it (before merging, e.g. to pick the task)."""
+    for layer in reversed(layers):
+        if key in layer:
+            return layer[key]
+    return default
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    path = Path(path)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def fail(key: str, value, why: str):
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate_common(cfg: DictConfig) -> None:
+    """Range checks of the sections every task shares (tasks check their own sections)."""
+    from ..models.backbones import ARCHS
+
+    m = cfg.model
+    if m.dino_hub is None and not m.backbone_kwargs:
+        fail("model.dino_hub", None, "give a hub name or model.backbone_kwargs")
+    if m.dino_hub is not None and m.dino_hub not in ARCHS:
+        fail("model.dino_hub", m.dino_hub, f"expected one of {sorted(ARCHS)}")
+    s = cfg.scheduler
+    total = s.total_iter
+    if total <= 0:
+        fail("scheduler.total_iter", total, "must be positive")
+    if s.warmup_iters < 0 or s.warmup_iters >= total:
+        fail("scheduler.warmup_iters", s.warmup_iters, f"must be in [0, scheduler.total_iter={total})")
+    t = cfg.train
+    if t.batch_size <= 0:
+        fail("train.batch_size", t.batch_size, "must be positive")
+    if t.checkpoint_interval <= 0:
+        fail("train.checkpoint_interval", t.checkpoint_interval, "must be positive")

@@ -1,0 +1,77 @@
+"""What a run reports: progress bars, metrics.jsonl (and TensorBoard), and the training-curves plot."""
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import distributed
+
+
+def progress(total: int | None = None, *, desc: str, initial: int = 0, leave: bool = True, iterable=None) -> tqdm:
+    """A progress bar on rank 0 only; redrawn at most every few seconds when stderr is a log file, not a terminal."""
+    return tqdm(iterable, total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True,
+                disable=not distributed.is_main_process(), mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
+class MetricsLog:
+    """metrics.jsonl (and optionally TensorBoard), written by rank 0 only."""
+
+    def __init__(self, out: Path, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, iteration: int, **values) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"iteration": iteration, **values}, default=float) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, iteration)
+                elif isinstance(v, dict):
+                    for kk, vv in v.items():
+                        if isinstance(vv, (int, float)):
+                            self.tb.add_scalar(f"{k}/{kk}", vv, iteration)
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def plot_history(run_dir: Path, metrics: dict[str, tuple[float, float] | None]) -> Path:
+    """Training loss and the validation `metrics` (name -> y-axis limits or None) over iterations, from
+    metrics.jsonl, as `training_curves.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    train = [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
+    fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(5 * (1 + len(metrics)), 4))
+    if train:
+        axes[0].plot(*zip(*train), marker=".")
+    axes[0].set(title="training loss", xlabel="iteration", ylabel="loss")
+    for ax, (name, ylim) in zip(axes[1:], metrics.items()):
+        val = [(r["iteration"], r["val"][name]) for r in rows if "val" in r and name in r["val"]]
+        if val:
+            ax.plot(*zip(*val), marker="o", color="tab:green")
+        ax.set(title=f"validation {name}", xlabel="iteration", ylabel=name)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    fig.tight_layout()
+    path = run_dir / "training_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,57 @@
+"""Pieces of every training loop: seeds, the resumable stream of training batches, the sharded evaluation loader,
+and DDP over the trainable part of a model."""
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loaders import InfiniteDataloader, make_data_loader
+from ..models.frozen import frozen_prefixes
+from . import distributed
+from .sampling import EpochSeededDataset, InfiniteShardedSampler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def training_batches(dataset, batch_size: int, *, seed: int, start_iteration: int = 0, num_workers: int = 0):
+    """An endless iterator of this process's training batches (`batch_size` = the total over all processes).
+
+    Batch k is a function of (seed, k) alone (samples are keyed by epoch and index and augmented from a seed
+    derived from them), so starting at `start_iteration` gives exactly the batches of an uninterrupted run.
+    """
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    per_process = batch_size // world
+    sampler = InfiniteShardedSampler(len(dataset), seed=seed, rank=rank, world_size=world,
+                                     start=start_iteration * per_process)
+    return InfiniteDataloader(torch.utils.data.DataLoader(
+        EpochSeededDataset(dataset, seed), batch_size=per_process, sampler=sampler, num_workers=num_workers,
+        drop_last=True, persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed + rank),  # keeps the global RNG untouched
+    ))
+
+
+def evaluation_loader(dataset, *, num_workers: int, seed: int, max_samples: int | None = None):
+    """Batch size 1 (images keep their own sizes, targets their original resolution), sharded over processes
+    without padding, so every sample is counted exactly once."""
+    if max_samples is not None:
+        dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), max_samples)))
+    return make_data_loader(dataset, batch_size=1, num_workers=num_workers, shuffle=False, seed=seed, pad_shards=False,
+                            rank=distributed.get_rank(), world_size=distributed.get_world_size())
+
+
+def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over the trainable part only: the frozen backbone is neither broadcast nor all-reduced."""
+    if not distributed.is_enabled():
+        return model
+    model = distributed.convert_sync_batchnorm(model, device)
+    frozen = tuple(frozen_prefixes(model))
+    ignored = [n for n, _ in model.named_parameters() if n.startswith(frozen)]
+    ignored += [n for n, _ in model.named_buffers() if n.startswith(frozen)]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
