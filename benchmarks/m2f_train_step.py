@@ -31,9 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dinoseg.eval.segmentation.config import load_config  # noqa: E402
 from dinoseg.engine.config import scheduler_kwargs  # noqa: E402
 from dinoseg.engine.schedulers import build_scheduler  # noqa: E402
+from dinoseg.eval.segmentation.config import load_config  # noqa: E402
 from dinoseg.eval.segmentation.decoders import decoder, resolve_num_classes  # noqa: E402
 from dinoseg.eval.segmentation.setup import build_model, build_optimizer, build_train_dataset  # noqa: E402
 from dinoseg.models.frozen import set_train_mode  # noqa: E402
