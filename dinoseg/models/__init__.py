@@ -1,3 +1,4 @@
+from .convnext import ConvNeXt
 from .vision_transformer import DinoVisionTransformer
 
-__all__ = ["DinoVisionTransformer"]
+__all__ = ["ConvNeXt", "DinoVisionTransformer"]
