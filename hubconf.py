@@ -3,6 +3,10 @@
 dependencies = ["torch", "torchvision", "omegaconf", "numpy"]
 
 from dinoseg.hub.backbones import (  # noqa: E402,F401
+    dinov3_convnext_base,
+    dinov3_convnext_large,
+    dinov3_convnext_small,
+    dinov3_convnext_tiny,
     dinov3_vit7b16,
     dinov3_vitb16,
     dinov3_vith16plus,

@@ -31,6 +31,10 @@ from .eval.segmentation.transforms import make_segmentation_eval_transforms, mak
 from .eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, get_backbone_out_indices
 from .hub.backbones import (
     Weights,
+    dinov3_convnext_base,
+    dinov3_convnext_large,
+    dinov3_convnext_small,
+    dinov3_convnext_tiny,
     dinov3_vit7b16,
     dinov3_vitb16,
     dinov3_vith16plus,
@@ -40,6 +44,7 @@ from .hub.backbones import (
     dinov3_vits16plus,
 )
 from .hub.segmentors import SegmentorWeights, dinov3_vit7b16_ms
+from .models.convnext import ConvNeXt
 from .models.vision_transformer import DinoVisionTransformer
 
 __version__ = "0.1.0"
@@ -49,6 +54,7 @@ __all__ = [
     "ADE20K",
     "BackboneLayersSet",
     "Cityscapes",
+    "ConvNeXt",
     "DINOv3_Adapter",
     "DatasetError",
     "DinoVisionTransformer",
@@ -72,6 +78,10 @@ __all__ = [
     "build_segmentation_decoder",
     "calculate_intersect_and_union",
     "calculate_segmentation_metrics",
+    "dinov3_convnext_base",
+    "dinov3_convnext_large",
+    "dinov3_convnext_small",
+    "dinov3_convnext_tiny",
     "dinov3_vit7b16",
     "dinov3_vit7b16_ms",
     "dinov3_vitb16",

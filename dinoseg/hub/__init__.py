@@ -1,6 +1,11 @@
 from .backbones import (
     ARCHS,
+    CONVNEXT_ARCHS,
     Weights,
+    dinov3_convnext_base,
+    dinov3_convnext_large,
+    dinov3_convnext_small,
+    dinov3_convnext_tiny,
     dinov3_vit7b16,
     dinov3_vitb16,
     dinov3_vith16plus,
@@ -9,13 +14,19 @@ from .backbones import (
     dinov3_vits16,
     dinov3_vits16plus,
     make_backbone,
+    make_convnext,
 )
 from .checkpoint import CheckpointError, load_state_dict_file, load_state_dict_strict
 
 __all__ = [
     "ARCHS",
+    "CONVNEXT_ARCHS",
     "CheckpointError",
     "Weights",
+    "dinov3_convnext_base",
+    "dinov3_convnext_large",
+    "dinov3_convnext_small",
+    "dinov3_convnext_tiny",
     "dinov3_vit7b16",
     "dinov3_vitb16",
     "dinov3_vith16plus",
@@ -26,4 +37,5 @@ __all__ = [
     "load_state_dict_file",
     "load_state_dict_strict",
     "make_backbone",
+    "make_convnext",
 ]
