@@ -60,7 +60,8 @@ def build_segmentation_decoder(
     use_cls_token: bool = False,
     **m2f_options,
 ) -> FeatureDecoder:
-    """Segmentor on a (frozen) DINOv3 backbone; `decoder_type` is "linear" or "m2f" (ViT-Adapter + Mask2Former).
+    """Segmentor on a (frozen) DINOv3 backbone; `decoder_type` is "linear" or "m2f" (ViT-Adapter + Mask2Former;
+    on a ConvNeXt, its four stages + Mask2Former). A ConvNeXt's four stages are its four "blocks".
 
     `hidden_dim` and `m2f_options` only apply to "m2f" (options given to "linear" are an error); `dropout`,
     `use_batchnorm`, `use_cls_token` only to "linear" (ignored by "m2f", as in the official code, so one config
@@ -102,8 +103,11 @@ def build_segmentation_decoder(
             reshape=True,
             return_class_token=use_cls_token,
         )
+        # A hierarchical backbone (ConvNeXt) gives each stage its own width; the official code assumes the last
+        # one for all and fails on every released ConvNeXt.
+        widths = getattr(backbone_model, "embed_dims", None)
         head = LinearHead(
-            in_channels=[backbone_model.embed_dim] * len(out_indices),
+            in_channels=[widths[i] for i in out_indices] if widths else [backbone_model.embed_dim] * len(out_indices),
             n_output_channels=num_classes,
             use_batchnorm=use_batchnorm,
             use_cls_token=use_cls_token,
