@@ -41,7 +41,8 @@ class InferenceMode(Enum):
 
 @dataclass
 class ModelConfig:
-    # A hub name (dinov3_vits16 ... dinov3_vit7b16) or None to build from `backbone_kwargs`.
+    # A hub name (dinov3_vits16 ... dinov3_vit7b16, dinov3_convnext_tiny ... _large) or None to build a ViT from
+    # `backbone_kwargs`; a custom ConvNeXt is a dinov3_convnext_* name with `depths` / `dims` overrides.
     dino_hub: str | None = "dinov3_vits16"
     # Official .pth, Hugging Face directory/safetensors, file:// or https:// URL. None = random weights
     # (only meaningful for demos and tests).

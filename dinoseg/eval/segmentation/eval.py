@@ -34,8 +34,9 @@ def make_val_loader(dataset, cfg: DictConfig) -> torch.utils.data.DataLoader:
 
 
 def whole_image_size(image: torch.Tensor, model) -> tuple[int, int]:
-    """Whole-image mode runs at the eval resize, rounded up to the backbone's patch grid."""
-    patch = getattr(model.segmentation_model[0], "patch_size", 16)
+    """Whole-image mode runs at the eval resize, rounded up to the backbone's patch grid (a ConvNeXt without
+    pseudo patch size: its coarsest stride, 32)."""
+    patch = getattr(model.segmentation_model[0], "patch_size", None) or 32
     return tuple(-(-s // patch) * patch for s in image.shape[-2:])
 
 

@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ...data import DATASETS, make_dataset, parse_dataset_str
-from ...hub.backbones import ARCHS, load_backbone_weights, make_backbone
+from ...hub.backbones import ARCHS, CONVNEXT_ARCHS, load_backbone_weights, make_backbone
 from ...models.vision_transformer import DinoVisionTransformer
 from ..utils import freeze_backbone
 from .config import ConfigError, InferenceMode, Precision
@@ -31,7 +31,7 @@ def _seeded(seed: int):
         torch.set_rng_state(state)
 
 
-def build_backbone(model_cfg: DictConfig) -> DinoVisionTransformer:
+def build_backbone(model_cfg: DictConfig) -> torch.nn.Module:
     kwargs = OmegaConf.to_container(model_cfg.backbone_kwargs, resolve=True)
     weights = model_cfg.pretrained_weights
     with _seeded(model_cfg.random_init_seed):
@@ -42,8 +42,9 @@ def build_backbone(model_cfg: DictConfig) -> DinoVisionTransformer:
             else:
                 backbone = DinoVisionTransformer(**kwargs)
         else:
-            if model_cfg.dino_hub not in ARCHS:
-                raise ConfigError(f"model.dino_hub={model_cfg.dino_hub!r}: expected one of {sorted(ARCHS)}")
+            if model_cfg.dino_hub not in ARCHS and model_cfg.dino_hub not in CONVNEXT_ARCHS:
+                raise ConfigError(f"model.dino_hub={model_cfg.dino_hub!r}: expected one of "
+                                  f"{sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
             backbone = make_backbone(model_cfg.dino_hub, pretrained=weights is not None,
                                      weights=weights if weights else "LVD1689M", **kwargs)
     return freeze_backbone(backbone)
