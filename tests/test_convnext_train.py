@@ -6,6 +6,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
+from dinoseg.cli import main
 from dinoseg.eval.segmentation.checkpointer import LAST
 from dinoseg.eval.segmentation.config import ConfigError, load_config
 from dinoseg.eval.segmentation.setup import build_backbone
@@ -51,18 +52,17 @@ def test_four_even_intervals_linear_head_train_eval_predict(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     trained = json.loads((out / "results-semantic-segmentation.json").read_text())
 
+    # Eval and predict through the same entry point, in-process (a subprocess each would only add start-up time).
     config = str(out / "segmentation_config.yaml")
-    evaluated = run_cli(["eval", config, f"head={out / LAST}", f"output_dir={tmp_path / 'eval'}"])
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert main(["eval", config, f"head={out / LAST}", f"output_dir={tmp_path / 'eval'}"]) == 0
     results = json.loads((tmp_path / "eval" / "results-semantic-segmentation.json").read_text())
     assert results["num_samples"] == 6 and results["mIoU"] == trained["mIoU"]
 
     from PIL import Image
 
     Image.new("RGB", (45, 70), (30, 30, 220)).save(tmp_path / "x.png")
-    predicted = run_cli(["predict", config, f"head={out / LAST}", "eval.mode=whole", "--input",
-                         str(tmp_path / "x.png"), "--output", str(tmp_path / "pred")])
-    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert main(["predict", config, f"head={out / LAST}", "eval.mode=whole", "--input", str(tmp_path / "x.png"),
+                 "--output", str(tmp_path / "pred")]) == 0
     assert Image.open(tmp_path / "pred" / "x_mask.png").size == (45, 70)
 
 
@@ -100,3 +100,24 @@ def test_unknown_hub_name_lists_the_convnexts():
     cfg = load_config([], ["model.dino_hub=dinov3_convnext_huge"])
     with pytest.raises(ConfigError, match=r"model.dino_hub='dinov3_convnext_huge': expected one of .*dinov3_convnext_tiny"):
         build_backbone(cfg.model)
+
+
+@pytest.mark.parametrize("head", ["linear", "m2f"])
+def test_ddp_syncs_the_head_only_on_convnext(tmp_path, head):
+    import torch
+    import torch.distributed as dist
+
+    from dinoseg.eval.segmentation.setup import build_model
+    from dinoseg.eval.segmentation.train import wrap_distributed
+
+    extra = M2F_TINY if head == "m2f" else ["decoder_head.backbone_out_layers=FOUR_LAST"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(load_config([], CONVNEXT_TINY + extra), num_classes=4)
+        ddp = wrap_distributed(model, torch.device("cpu"))
+        backbone = model.segmentation_model[0]
+        backbone = backbone.backbone if head == "m2f" else backbone.feature_model
+        assert {id(p) for p in ddp._module_parameters} == {id(p) for p in model.segmentation_model[1].parameters()}
+        assert {id(p) for p in backbone.parameters()}.isdisjoint(id(p) for p in ddp._module_parameters)
+    finally:
+        dist.destroy_process_group()
