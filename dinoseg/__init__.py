@@ -40,6 +40,7 @@ from .hub import *  # noqa: F403  (the torch.hub entry points)
 from .hub import __all__ as _hub_names
 from .models.backbones import Weights
 from .models.checkpoint import CheckpointError
+from .models.convnext import ConvNeXt
 from .models.vision_transformer import DinoVisionTransformer
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "BackboneLayersSet",
     "CheckpointError",
     "Cityscapes",
+    "ConvNeXt",
     "DINOv3_Adapter",
     "DatasetError",
     "DecoderType",

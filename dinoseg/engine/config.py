@@ -37,7 +37,8 @@ class Precision(Enum):
 class ModelConfig:
     """The frozen backbone."""
 
-    # A hub name (dinov3_vits16 ... dinov3_vit7b16) or None to build from `backbone_kwargs`.
+    # A hub name (dinov3_vits16 ... dinov3_vit7b16, dinov3_convnext_tiny ... _large) or None to build a ViT from
+    # `backbone_kwargs`; a custom ConvNeXt is a dinov3_convnext_* name with `depths` / `dims` overrides.
     dino_hub: str | None = "dinov3_vits16"
     # Official .pth, Hugging Face directory/safetensors, file:// or https:// URL. None = random weights
     # (only meaningful for demos and tests).
@@ -217,13 +218,13 @@ def fail(key: str, value, why: str):
 
 def validate_common(cfg: DictConfig) -> None:
     """Range checks of the sections every task shares (tasks check their own sections)."""
-    from ..models.backbones import ARCHS
+    from ..models.backbones import ARCHS, CONVNEXT_ARCHS
 
     m = cfg.model
     if m.dino_hub is None and not m.backbone_kwargs:
         fail("model.dino_hub", None, "give a hub name or model.backbone_kwargs")
-    if m.dino_hub is not None and m.dino_hub not in ARCHS:
-        fail("model.dino_hub", m.dino_hub, f"expected one of {sorted(ARCHS)}")
+    if m.dino_hub is not None and m.dino_hub not in ARCHS and m.dino_hub not in CONVNEXT_ARCHS:
+        fail("model.dino_hub", m.dino_hub, f"expected one of {sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
     s = cfg.scheduler
     total = s.total_iter
     if total <= 0:

@@ -19,6 +19,7 @@ from .checkpoint import (
     load_state_dict_file,
     load_state_dict_strict,
 )
+from .convnext import ConvNeXt
 from .vision_transformer import DinoVisionTransformer
 
 DINOV3_BASE_URL = "https://dl.fbaipublicfiles.com/dinov3"
@@ -64,19 +65,32 @@ ARCHS: dict[str, tuple[str, dict, dict]] = {
                             untie_global_and_local_cls_norm=True),
                        {Weights.LVD1689M: "a955f4ea", Weights.SAT493M: "a6675841"}),
 }
+# ConvNeXts distilled from the ViT-7B: name -> (compact arch, architecture keywords, {weights: file hash});
+# all use layer scale 1e-6 and no pseudo patch size.
+CONVNEXT_ARCHS: dict[str, tuple[str, dict, dict]] = {
+    "dinov3_convnext_tiny": ("convnext_tiny", dict(depths=[3, 3, 9, 3], dims=[96, 192, 384, 768]),
+                             {Weights.LVD1689M: "21b726bb"}),
+    "dinov3_convnext_small": ("convnext_small", dict(depths=[3, 3, 27, 3], dims=[96, 192, 384, 768]),
+                              {Weights.LVD1689M: "296db49d"}),
+    "dinov3_convnext_base": ("convnext_base", dict(depths=[3, 3, 27, 3], dims=[128, 256, 512, 1024]),
+                             {Weights.LVD1689M: "801f2ba9"}),
+    "dinov3_convnext_large": ("convnext_large", dict(depths=[3, 3, 27, 3], dims=[192, 384, 768, 1536]),
+                              {Weights.LVD1689M: "61fa432d"}),
+}
 # Checkpoints whose backbone carries the extra local class-token norm (the 7B ones and ViT-L SAT).
 _UNTIED_HASHES = {"eadcf0ff", "a955f4ea", "a6675841"}
 
 
 def official_weights_filename(name: str, weights: Weights) -> str:
-    arch, _, hashes = ARCHS[name]
+    arch, _, hashes = ARCHS[name] if name in ARCHS else CONVNEXT_ARCHS[name]
     if weights not in hashes:
         raise ValueError(f"{name}: no official {weights.value} weights; available: {[w.value for w in hashes]}")
     return f"dinov3_{arch}_pretrain_{weights.value.lower()}-{hashes[weights]}.pth"
 
 
 def official_weights_url(name: str, weights: Weights) -> str:
-    return f"{DINOV3_BASE_URL}/dinov3_{ARCHS[name][0]}/{official_weights_filename(name, weights)}"
+    arch = ARCHS[name][0] if name in ARCHS else CONVNEXT_ARCHS[name][0]
+    return f"{DINOV3_BASE_URL}/dinov3_{arch}/{official_weights_filename(name, weights)}"
 
 
 def backbone_kwargs(name: str, **overrides) -> dict:
@@ -135,9 +149,11 @@ def make_backbone(
     check_hash: bool = False,
     device: torch.device | str | None = None,
     **kwargs,
-) -> DinoVisionTransformer:
-    """Build a hub backbone. With weights it is built on the meta device and the checkpoint tensors are
+) -> DinoVisionTransformer | ConvNeXt:
+    """Build a hub backbone (a ViT or a ConvNeXt). With weights it is built on the meta device and the checkpoint tensors are
     assigned directly, so memory is spent once (this matters for the 6.7B-parameter ViT-7B)."""
+    if name in CONVNEXT_ARCHS:
+        return make_convnext(name, pretrained=pretrained, weights=weights, check_hash=check_hash, device=device, **kwargs)
     location = _weights_location(name, weights) if pretrained else None
     if location is not None and "untie_global_and_local_cls_norm" not in kwargs:
         kwargs["untie_global_and_local_cls_norm"] = _needs_untied_norm(name, location)
@@ -147,6 +163,28 @@ def make_backbone(
         return model
     model = DinoVisionTransformer(**arch, device="meta")
     load_backbone_weights(model, location, check_hash=check_hash)
+    return model.to(device) if device is not None else model
+
+
+def make_convnext(
+    name: str,
+    *,
+    pretrained: bool = True,
+    weights: Weights | str = Weights.LVD1689M,
+    check_hash: bool = False,
+    device: torch.device | str | None = None,
+    **kwargs,
+) -> ConvNeXt:
+    """Build a hub ConvNeXt; `kwargs` override its `ConvNeXt` keywords. Weights are assigned to a meta-device model
+    and loaded strictly (official files hold the final norm as both `norm.*` and `norms.3.*`)."""
+    if name not in CONVNEXT_ARCHS:
+        raise ValueError(f"unknown ConvNeXt backbone {name!r}; expected one of {sorted(CONVNEXT_ARCHS)}")
+    arch = {**CONVNEXT_ARCHS[name][1], **kwargs}
+    if not pretrained:
+        return ConvNeXt(**arch, device=device)
+    location = _weights_location(name, weights)
+    model = ConvNeXt(**arch, device="meta")
+    load_state_dict_strict(model, load_state_dict_file(location, check_hash=check_hash), source=location, assign=True)
     return model.to(device) if device is not None else model
 
 

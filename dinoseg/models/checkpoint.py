@@ -124,7 +124,10 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str = "s
     problem = describe_mismatch(module, state_dict)
     if problem:
         raise CheckpointError(f"{source}: does not fit {type(module).__name__}: {problem}")
-    module.load_state_dict(state_dict, strict=True, assign=assign)
+    try:
+        module.load_state_dict(state_dict, strict=True, assign=assign)
+    except ValueError as e:  # a module's own consistency check (e.g. ConvNeXt's duplicated final norm)
+        raise CheckpointError(f"{source}: {e}") from None
     return module
 
 

@@ -112,7 +112,8 @@ class AccumulatorBuffer:
 def whole_image_size(image: torch.Tensor, segmentation_model: nn.Module) -> tuple[int, int]:
     """The image's size rounded up to the backbone's patch grid (whole-image mode without a crop size)."""
     side = getattr(segmentation_model, "segmentation_model", [segmentation_model])[0]
-    patch = getattr(side, "patch_size", 1)  # a model that names no patch size takes any size
+    # A model that names no patch size takes any size; a ConvNeXt (patch size None) its coarsest stride, 32.
+    patch = getattr(side, "patch_size", 1) or 32
     return tuple(-(-s // patch) * patch for s in image.shape[-2:])
 
 

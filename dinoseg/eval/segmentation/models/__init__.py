@@ -97,7 +97,8 @@ def build_segmentation_decoder(
 ) -> FeatureDecoder:
     """Segmentor on a (frozen) DINOv3 backbone, with the official positional order and defaults.
 
-    `decoder_type` "linear" uses `dropout`, `use_batchnorm`, `use_cls_token`; "m2f" (ViT-Adapter + Mask2Former)
+    A ConvNeXt's four stages are its four "blocks". `decoder_type` "linear" uses `dropout`, `use_batchnorm`,
+    `use_cls_token`; "m2f" (ViT-Adapter + Mask2Former; on a ConvNeXt, its four stages + Mask2Former)
     uses `hidden_dim` and `m2f_options` (default: the official head). Arguments of the other head are ignored,
     as in the official code, so that one config can drive both.
     """
@@ -122,8 +123,11 @@ def build_segmentation_decoder(
             reshape=True,
             return_class_token=use_cls_token,
         )
+        # A hierarchical backbone (ConvNeXt) gives each stage its own width; the official code assumes the last
+        # one for all and fails on every released ConvNeXt.
+        widths = getattr(backbone_model, "embed_dims", None)
         head = LinearHead(
-            in_channels=[backbone_model.embed_dim] * len(out_indices),
+            in_channels=[widths[i] for i in out_indices] if widths else [backbone_model.embed_dim] * len(out_indices),
             n_output_channels=num_classes,
             use_batchnorm=use_batchnorm,
             use_cls_token=use_cls_token,

@@ -1,4 +1,5 @@
-"""The ViT-Adapter + Mask2Former pair behind ``build_segmentation_decoder(decoder_type="m2f")``, and its options.
+"""The ViT-Adapter + Mask2Former pair behind ``build_segmentation_decoder(decoder_type="m2f")`` (on a ConvNeXt:
+its stage pyramid + Mask2Former), and its options.
 
 The option dataclasses are also the ``decoder_head.m2f`` config section: the config hands them over unchanged.
 Defaults are the official head's; changing a shape breaks the released checkpoints.
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .backbone.convnext_pyramid import ConvNeXtPyramid
 from .backbone.dinov3_adapter import DINOv3_Adapter
 from .heads.mask2former_head import Mask2FormerHead
 
@@ -43,26 +45,40 @@ def build_m2f_modules(
     hidden_dim: int = 2048,
     num_classes: int = 150,
     options: Mask2FormerOptions | None = None,
-) -> tuple[DINOv3_Adapter, Mask2FormerHead]:
-    """``(adapter, head)``: ``head(adapter(images))`` gives Mask2Former outputs; the adapter freezes the backbone.
-    Module and parameter names match the official checkpoints once placed in ``nn.ModuleList([adapter, head])``."""
+) -> tuple[DINOv3_Adapter | ConvNeXtPyramid, Mask2FormerHead]:
+    """``(backbone_side, head)``: ``head(backbone_side(images))`` gives Mask2Former outputs; the backbone side
+    freezes the backbone. Module and parameter names match the official checkpoints once placed in
+    ``nn.ModuleList([backbone_side, head])``.
+
+    A backbone with per-stage widths (``embed_dims``: a ConvNeXt) already has a stride 4..32 pyramid: its stages
+    go to the head through :class:`ConvNeXtPyramid` instead of an adapter, the head's input projections sized by
+    the stage widths; adapter options other than their defaults are then an error.
+    """
     o = options or Mask2FormerOptions()
     a = o.adapter
-    adapter = DINOv3_Adapter(
-        backbone_model,
-        interaction_indexes=list(interaction_indexes),
-        conv_inplane=a.conv_inplane,
-        n_points=a.n_points,
-        deform_num_heads=a.deform_num_heads,
-        drop_path_rate=a.drop_path_rate,
-        with_cffn=a.with_cffn,
-        cffn_ratio=a.cffn_ratio,
-        deform_ratio=a.deform_ratio,
-        use_extra_extractor=a.use_extra_extractor,
-        with_cp=a.with_cp,
-    )
+    if hasattr(backbone_model, "embed_dims"):
+        if a != AdapterOptions():
+            changed = sorted(k for k, v in vars(a).items() if v != getattr(AdapterOptions(), k))
+            raise ValueError(f"ViT-Adapter options {changed} do not apply to a ConvNeXt backbone (it uses no adapter)")
+        backbone_side = ConvNeXtPyramid(backbone_model, interaction_indexes=list(interaction_indexes))
+        in_channels = backbone_side.embed_dims
+    else:
+        backbone_side = DINOv3_Adapter(
+            backbone_model,
+            interaction_indexes=list(interaction_indexes),
+            conv_inplane=a.conv_inplane,
+            n_points=a.n_points,
+            deform_num_heads=a.deform_num_heads,
+            drop_path_rate=a.drop_path_rate,
+            with_cffn=a.with_cffn,
+            cffn_ratio=a.cffn_ratio,
+            deform_ratio=a.deform_ratio,
+            use_extra_extractor=a.use_extra_extractor,
+            with_cp=a.with_cp,
+        )
+        in_channels = backbone_side.embed_dim
     head = Mask2FormerHead(
-        in_channels=adapter.embed_dim,
+        in_channels=in_channels,
         hidden_dim=hidden_dim,
         num_classes=num_classes,
         num_queries=o.num_queries,
@@ -72,4 +88,4 @@ def build_m2f_modules(
         dec_layers=o.dec_layers,
         pixel_decoder_nheads=o.pixel_decoder_nheads,
     )
-    return adapter, head
+    return backbone_side, head
