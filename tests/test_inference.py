@@ -186,7 +186,7 @@ def test_tta_averages_scales_and_flips():
     torch.manual_seed(0)
     model = ConvSegmentor(kernel_size=3)
     x = torch.randn(2, 3, 30, 40)
-    options = {"rescale_to": (30, 40), "crop_size": 16, "stride": 10, "crop_batch_size": 4}
+    options = {"rescale_to": (30, 40), "crop_size": 16, "stride": 10, "crop_batch_size": 4, "inference_mode": "slide"}
     with torch.no_grad():
         tta = make_tta_inference(
             x, model, tta_ratios=(1.0, 0.5, 1.5), use_flip=True, small_size=30, **options
@@ -195,15 +195,15 @@ def test_tta_averages_scales_and_flips():
         for ratio in (1.0, 0.5, 1.5):
             size = tta_image_size(30, 40, 30, ratio)
             scaled = x if ratio == 1.0 else F.interpolate(x, size=size, mode="bilinear", antialias=True)
-            expected += make_inference(scaled, model, "slide", output_activation=softmax, **options)
-            flipped = make_inference(scaled.flip(-1), model, "slide", apply_horizontal_flip=True, **options)
+            expected += make_inference(scaled, model, output_activation=softmax, **options)
+            flipped = make_inference(scaled.flip(-1), model, apply_horizontal_flip=True, **options)
             expected += flipped.softmax(1)
         expected /= 6
         torch.testing.assert_close(tta, expected)
         # No TTA: a single slide prediction, softmaxed.
         plain = make_tta_inference(x, model, **options)
         torch.testing.assert_close(
-            plain, make_inference(x, model, "slide", output_activation=softmax, **options)
+            plain, make_inference(x, model, output_activation=softmax, **options)
         )
 
 
@@ -236,7 +236,8 @@ def test_tta_with_a_buffer_equals_tta_without(activation):
     torch.manual_seed(0)
     model = ConvSegmentor(kernel_size=3)
     x = torch.randn(1, 3, 30, 40)
-    options = {"rescale_to": (30, 40), "crop_size": 16, "stride": 10, "output_activation": activation}
+    options = {"rescale_to": (30, 40), "crop_size": 16, "stride": 10, "output_activation": activation,
+               "inference_mode": "slide"}
     buffer = AccumulatorBuffer()
     with torch.no_grad():
         for ratios, flip in (((1.0,), False), ((1.0,), True), ((1.0, 1.0), False), ((1.0, 0.5), True)):

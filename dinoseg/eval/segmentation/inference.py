@@ -341,7 +341,7 @@ def make_tta_inference(
     tta_ratios: Sequence[float] = (1.0,),
     use_flip: bool = False,
     small_size: int | None = None,
-    inference_mode: str = "slide",
+    inference_mode: str = "whole",
     crop_size=(512, 512),
     stride=(341, 341),
     crop_batch_size: int = 8,
