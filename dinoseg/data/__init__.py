@@ -1,4 +1,4 @@
-"""Segmentation data: datasets, dataset selection from a config or string, loaders, data checks."""
+"""Segmentation and depth data: datasets, dataset selection from a config or string, loaders, data checks."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ from typing import Any
 from .datasets import (
     ADE20K,
     IGNORE_INDEX,
+    KITTI,
+    NYU,
     Cityscapes,
+    DepthDataset,
+    DepthFolder,
     ImageMaskFolder,
     PascalVOC,
     SegmentationDataset,
+    SyntheticDepth,
     SyntheticShapes,
 )
 from .io import DatasetError, load_image, load_mask
@@ -31,6 +36,11 @@ DATASETS: dict[str, type] = {
     "imagemaskfolder": ImageMaskFolder,
     "synthetic": SyntheticShapes,
     "syntheticshapes": SyntheticShapes,
+    # depth
+    "nyu": NYU,
+    "kitti": KITTI,
+    "depthfolder": DepthFolder,
+    "syntheticdepth": SyntheticDepth,
 }
 # Official split names (``ADE20K:split=TRAIN``) -> ours.
 _OFFICIAL_SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
@@ -110,7 +120,7 @@ def _spec_to_dict(config) -> dict[str, Any]:
     return spec
 
 
-def make_dataset(config_or_string, transforms: Callable | None = None, **overrides) -> SegmentationDataset:
+def make_dataset(config_or_string, transforms: Callable | None = None, **overrides) -> SegmentationDataset | DepthDataset:
     """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"``, a dict / DictConfig / ``DatasetSpec``
     (``type``, ``root``, ``split`` and constructor options, flat or under ``options``). ``overrides`` (e.g.
     ``root=...``, ``strict=False``) win over the config. Official split names TRAIN / VAL are accepted."""
@@ -139,10 +149,15 @@ __all__ = [
     "Cityscapes",
     "DatasetError",
     "DatasetSpec",
+    "DepthDataset",
+    "DepthFolder",
     "ImageMaskFolder",
     "InfiniteDataloader",
+    "KITTI",
+    "NYU",
     "PascalVOC",
     "SegmentationDataset",
+    "SyntheticDepth",
     "SyntheticShapes",
     "UnpaddedDistributedSampler",
     "load_image",
