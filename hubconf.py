@@ -11,6 +11,10 @@ from dinoseg.hub.backbones import (  # noqa: E402,F401
     dinov3_vits16,
     dinov3_vits16plus,
 )
+from dinoseg.hub.depthers import (  # noqa: E402,F401
+    dinov3_vit7b16_dd,
+    dinov3_vitl16_chmv2,
+)
 from dinoseg.hub.segmentors import (  # noqa: E402,F401
     dinov3_vit7b16_ade20k_linear,
     dinov3_vit7b16_ms,
