@@ -124,3 +124,33 @@ def test_saved_results(nyu_setup, tmp_path):
     assert band.size == (160, 60)  # prediction and ground truth side by side, at the ground-truth size
     raw = torch.load(tmp_path / "pth" / "visualizations" / "results_0.pth", weights_only=True)
     assert raw["pred"].shape == raw["target"].shape == (1, 1, 60, 80) and raw["image"].shape == (3, 60, 80)
+
+
+def test_evaluate_with_config_runs_the_configured_protocol(nyu_setup):
+    from dinoseg.eval.depth.config import DepthConfig
+    from dinoseg.eval.depth.eval import evaluate_depther_with_config
+
+    root, meta, depther = nyu_setup
+    config = DepthConfig(num_workers=0, metrics=[m.name for m in DEPTH_METRICS])
+    config.datasets.root, config.datasets.test = str(root), "NYU:split=VAL"
+    config.transforms.eval.eval_mask = "NYU_EIGEN"
+    config.eval.align_least_squares = True  # the synthmix inference protocol: Eigen crop, flip TTA, lsq, 0.001-10 m
+    results, _, indices = evaluate_depther_with_config(config, depther, "cpu")
+    reference = load_depth_fixture("eval_linear_nyu.pt")["results"]["nyu_tta_lsq"]["reduced"]
+    assert indices.tolist() == [0, 1, 2]
+    for metric, value in reference.items():
+        torch.testing.assert_close(torch.tensor(results[metric]), value, **TOL)
+
+
+def test_colorized_depth_uses_a_current_matplotlib_colormap():
+    """Official save_results calls matplotlib.cm.get_cmap, removed in matplotlib 3.9."""
+    from dinoseg.eval.depth.visualization_utils import depth_tensor_to_colorized_pil
+
+    depth = torch.linspace(1, 5, 12).reshape(1, 3, 4)
+    depth[0, 0, 0] = 0  # missing
+    image = np.asarray(depth_tensor_to_colorized_pil(depth, cmap="plasma"))
+    assert image.shape == (3, 4, 3) and image.dtype == np.uint8
+    assert (image[0, 0] == 0).all()  # no depth: black
+    assert not np.array_equal(image[0, 1], image[2, 3])
+    ranged = np.asarray(depth_tensor_to_colorized_pil(depth, vmin=1, vmax=5))
+    assert np.array_equal(np.asarray(depth_tensor_to_colorized_pil(depth * 2, vmin=2, vmax=10)), ranged)

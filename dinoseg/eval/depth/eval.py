@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ... import distributed
-from .config import ResultConfig
+from ...data import make_data_loader, make_dataset
+from ...data.adapters import DatasetWithEnumeratedTargets
+from .config import DepthConfig, ResultConfig, make_depth_eval_transforms_from_config
 from .datasets.datasets_utils import make_valid_mask, parse_eval_crop
 from .metrics import _DepthMetric, calculate_depth_metrics, metrics_from_names
 from .transforms import LeftRightFlipAug
@@ -19,6 +21,32 @@ from .utils import align_depth_least_square
 from .visualization_utils import save_predictions
 
 logger = logging.getLogger("dinoseg")
+
+
+def evaluate_depther_with_config(config: DepthConfig, depther: torch.nn.Module, device: Any, reduce_results: bool = True):
+    """`evaluate_depther_with_dataloader` on ``config.datasets.test`` (under ``config.datasets.root``) with the
+    config's eval transforms (flip TTA per ``eval.use_tta``), metrics, range, mask and alignment; under
+    torch.distributed the images are sharded over the ranks without repetition."""
+    dataset_str = config.datasets.test
+    if config.datasets.root and ":root=" not in dataset_str:
+        dataset_str += f":root={config.datasets.root}"
+    dataset = make_dataset(dataset_str, transforms=make_depth_eval_transforms_from_config(config, split="test"))
+    loader = make_data_loader(DatasetWithEnumeratedTargets(dataset), batch_size=1, num_workers=config.num_workers,
+                              shuffle=False, pad_shards=False)
+    return evaluate_depther_with_dataloader(
+        loader,
+        depther,
+        device=device,
+        metrics=metrics_from_names(config.metrics),
+        eval_range=(config.eval.min_depth, config.eval.max_depth),
+        result_config=config.result_config,
+        save_dir=config.output_dir,
+        ignored_value=config.eval.ignored_value,
+        eval_mask_type=config.transforms.eval.eval_mask,
+        reduce_results=reduce_results,
+        align_least_squares=config.eval.align_least_squares,
+        use_tta=config.eval.use_tta,
+    )
 
 
 def _as_list(x) -> list[torch.Tensor]:

@@ -14,15 +14,20 @@ from ..segmentation.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_ST
 from .config import ResultConfig, ResultExtension
 
 
+def unnormalize(tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                std: Sequence[float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """A normalised image [3, H, W] back to [0, 1] (on the CPU)."""
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"expected a [3, H, W] image, got shape {tuple(tensor.shape)}")
+    tensor = tensor.detach().float().cpu()
+    return (tensor * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+
+
 def normalized_tensor_to_pil(tensor: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                              std: Sequence[float] = IMAGENET_DEFAULT_STD) -> Image.Image:
     """A normalised image [3, H, W] back to an RGB PIL image."""
-    if tensor.ndim != 3 or tensor.shape[0] != 3:
-        raise ValueError(f"expected a [3, H, W] image, got shape {tuple(tensor.shape)}")
-    mean_t = torch.tensor(mean, device=tensor.device)[:, None, None]
-    std_t = torch.tensor(std, device=tensor.device)[:, None, None]
-    rgb = ((tensor.float() * std_t + mean_t).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
-    return Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy())
+    rgb = (unnormalize(tensor, mean, std) * 255 + 0.5).to(torch.uint8)
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
 
 
 def depth_tensor_to_colorized_pil(depth_tensor: torch.Tensor, cmap: str = "plasma", vmin: float | None = None,
@@ -55,8 +60,7 @@ def save_predictions(
     os.makedirs(out_dir, exist_ok=True)
     index = int(save_index)
     if result_config.extension == ResultExtension.PTH:
-        image = torch.from_numpy(np.asarray(normalized_tensor_to_pil(img[0]))).permute(2, 0, 1).float() / 255
-        torch.save({"image": image, "pred": pred.detach().cpu(), "target": gt.detach().cpu()},
+        torch.save({"image": unnormalize(img[0]), "pred": pred.detach().cpu(), "target": gt.detach().cpu()},
                    os.path.join(out_dir, f"results_{index}.pth"))
         return
     valid = gt[(gt > 0) & torch.isfinite(gt)]
