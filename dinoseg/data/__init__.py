@@ -1,4 +1,4 @@
-"""Segmentation data: datasets, dataset selection from a config or string, loaders, data checks."""
+"""Segmentation and depth data: datasets, dataset selection from a config or string, loaders, data checks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ from typing import Any
 from .datasets import (
     ADE20K,
     IGNORE_INDEX,
+    KITTI,
+    NYU,
     Cityscapes,
+    DepthDataset,
+    DepthFolder,
     ImageMaskFolder,
     PascalVOC,
     SegmentationDataset,
+    SyntheticDepth,
     SyntheticShapes,
 )
 from .io import DatasetError, load_image, load_mask
@@ -29,6 +34,11 @@ DATASETS: dict[str, type] = {
     "imagemaskfolder": ImageMaskFolder,
     "synthetic": SyntheticShapes,
     "syntheticshapes": SyntheticShapes,
+    # depth
+    "nyu": NYU,
+    "kitti": KITTI,
+    "depthfolder": DepthFolder,
+    "syntheticdepth": SyntheticDepth,
 }
 # Official split names (``ADE20K:split=TRAIN``) -> ours.
 _OFFICIAL_SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
@@ -97,7 +107,7 @@ def _spec_to_dict(config) -> dict[str, Any]:
 
 
 def make_dataset(config_or_string, transforms: Callable | None = None, *, default_root: str | None = None,
-                 **overrides) -> SegmentationDataset:
+                 **overrides) -> SegmentationDataset | DepthDataset:
     """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"`` or a dict / DictConfig (``type``, ``root``,
     ``split`` and constructor options, flat or under ``options``). ``overrides`` (e.g.
     ``root=...``, ``strict=False``) win over the config; ``default_root`` (a config's shared ``datasets.root``)
@@ -128,10 +138,15 @@ __all__ = [
     "IGNORE_INDEX",
     "Cityscapes",
     "DatasetError",
+    "DepthDataset",
+    "DepthFolder",
     "ImageMaskFolder",
     "InfiniteDataloader",
+    "KITTI",
+    "NYU",
     "PascalVOC",
     "SegmentationDataset",
+    "SyntheticDepth",
     "SyntheticShapes",
     "UnpaddedDistributedSampler",
     "load_image",

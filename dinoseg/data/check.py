@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .datasets.depth_base import DepthDataset
 from .io import DatasetError, exif_orientation
 
 
@@ -205,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, FileNotFoundError, ValueError) as e:
         print(f"check-data: {e}", file=sys.stderr)
         return 2
+    if isinstance(dataset, DepthDataset):
+        from .depth_check import check_depth_dataset, format_depth_report
+
+        report = check_depth_dataset(dataset, max_samples=args.max_samples, progress=not args.no_progress)
+        print(format_depth_report(report, args.max_problems))
+        return 0 if report.ok else 1
     report = check_dataset(dataset, max_samples=args.max_samples, progress=not args.no_progress)
     print(format_report(report, args.max_problems))
     return 0 if report.ok else 1

@@ -1,5 +1,7 @@
 """Constants and helpers shared by every task's transforms."""
 
+import torch
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
@@ -10,3 +12,12 @@ def to_pair(value, name: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
     return pair
+
+
+def rand_uniform(low: float, high: float) -> float:
+    # torch's RNG, so that DataLoader workers (seeded per worker and epoch) draw different augmentations.
+    return low + (high - low) * torch.rand(()).item()
+
+
+def rand_bool(p: float) -> bool:
+    return p > 0 and torch.rand(()).item() < p

@@ -70,3 +70,10 @@ class ModelWithIntermediateLayers(nn.Module):
             return self.feature_model.get_intermediate_layers(
                 images, n=self.n, reshape=self.reshape, return_class_token=self.return_class_token
             )
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """Mixed precision on `device_type` with `dtype`; no autocast at all for float32 (or None), on any device."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)

@@ -110,7 +110,7 @@ def _weights_location(name: str, weights) -> str:
     return str(weights)
 
 
-def _needs_untied_norm(name: str, location: str) -> bool:
+def needs_untied_norm(name: str, location: str) -> bool:
     if name == "dinov3_vit7b16":
         return True
     return any(f"-{h}." in os.path.basename(location) for h in _UNTIED_HASHES)
@@ -156,7 +156,7 @@ def make_backbone(
         return make_convnext(name, pretrained=pretrained, weights=weights, check_hash=check_hash, device=device, **kwargs)
     location = _weights_location(name, weights) if pretrained else None
     if location is not None and "untie_global_and_local_cls_norm" not in kwargs:
-        kwargs["untie_global_and_local_cls_norm"] = _needs_untied_norm(name, location)
+        kwargs["untie_global_and_local_cls_norm"] = needs_untied_norm(name, location)
     arch = backbone_kwargs(name, **kwargs)
     if location is None:
         model = DinoVisionTransformer(**arch, device=device)

@@ -1,11 +1,17 @@
-"""Segmentation datasets. Every dataset returns ``(image uint8 [3, H, W], label int64 [H, W])`` with labels
-in train-id space (0..num_classes-1, 255 = ignore)."""
+"""Segmentation datasets return ``(image uint8 [3, H, W], label int64 [H, W])`` with labels in train-id space
+(0..num_classes-1, 255 = ignore); depth datasets ``(image uint8 [3, H, W], depth float32 [1, H, W])`` in stored
+units (see ``depth_base``)."""
 
 from .ade20k import ADE20K, ADE20K_CLASS_NAMES, ADE20K_PALETTE
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, reduce_zero_label
 from .cityscapes import CITYSCAPES_CLASS_NAMES, CITYSCAPES_PALETTE, Cityscapes
+from .depth_base import DepthDataset, DepthSample
+from .depth_folder import DepthFolder
 from .folder import ImageMaskFolder
+from .kitti import KITTI
+from .nyu import NYU
 from .synthetic import SyntheticShapes
+from .synthetic_depth import SyntheticDepth
 from .voc import VOC_CLASS_NAMES, VOC_PALETTE, PascalVOC
 
 __all__ = [
@@ -18,10 +24,16 @@ __all__ = [
     "VOC_CLASS_NAMES",
     "VOC_PALETTE",
     "Cityscapes",
+    "DepthDataset",
+    "DepthFolder",
+    "DepthSample",
     "ImageMaskFolder",
+    "KITTI",
+    "NYU",
     "PascalVOC",
     "Sample",
     "SegmentationDataset",
+    "SyntheticDepth",
     "SyntheticShapes",
     "reduce_zero_label",
 ]  # fmt: skip

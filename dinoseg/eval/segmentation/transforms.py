@@ -25,18 +25,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ...data.datasets.base import IGNORE_INDEX
-from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, to_pair
+from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, rand_bool, rand_uniform, to_pair
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-def _rand_uniform(low: float, high: float) -> float:
-    # torch's RNG, so that DataLoader workers (seeded per worker and epoch) draw different augmentations.
-    return low + (high - low) * torch.rand(()).item()
-
-
-def _rand_bool(p: float) -> bool:
-    return p > 0 and torch.rand(()).item() < p
 
 
 def to_image_and_mask(image, label) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
@@ -97,7 +88,7 @@ class RandomShortSideResize:
         self.img_size, self.ratio_range, self.resize_label = img_size, ratio_range, resize_label
 
     def __call__(self, image, label):
-        ratio = 1.0 if self.ratio_range is None else _rand_uniform(*self.ratio_range)
+        ratio = 1.0 if self.ratio_range is None else rand_uniform(*self.ratio_range)
         size = rescaled_size(*image.shape[-2:], self.img_size, ratio)
         if list(image.shape[-2:]) == size:
             return image, label
@@ -143,7 +134,7 @@ class RandomHorizontalFlip:
         self.p = float(p)
 
     def __call__(self, image, label):
-        if _rand_bool(self.p):
+        if rand_bool(self.p):
             return F.horizontal_flip(image), F.horizontal_flip(label)
         return image, label
 
@@ -171,17 +162,17 @@ class PhotoMetricDistortion:
     def __call__(self, image, label):
         if not image.is_floating_point():
             raise TypeError("PhotoMetricDistortion expects a float image in [0, 1]")
-        if self.brightness > 0 and _rand_bool(0.5):
-            image = (image + _rand_uniform(-self.brightness, self.brightness)).clamp_(0.0, 1.0)
-        contrast_first = _rand_bool(0.5)
-        if contrast_first and _rand_bool(0.5):
-            image = F.adjust_contrast(image, _rand_uniform(*self.contrast))
-        if _rand_bool(0.5):
-            image = F.adjust_saturation(image, _rand_uniform(*self.saturation))
-        if self.hue > 0 and _rand_bool(0.5):
-            image = F.adjust_hue(image, _rand_uniform(-self.hue, self.hue))
-        if not contrast_first and _rand_bool(0.5):
-            image = F.adjust_contrast(image, _rand_uniform(*self.contrast))
+        if self.brightness > 0 and rand_bool(0.5):
+            image = (image + rand_uniform(-self.brightness, self.brightness)).clamp_(0.0, 1.0)
+        contrast_first = rand_bool(0.5)
+        if contrast_first and rand_bool(0.5):
+            image = F.adjust_contrast(image, rand_uniform(*self.contrast))
+        if rand_bool(0.5):
+            image = F.adjust_saturation(image, rand_uniform(*self.saturation))
+        if self.hue > 0 and rand_bool(0.5):
+            image = F.adjust_hue(image, rand_uniform(-self.hue, self.hue))
+        if not contrast_first and rand_bool(0.5):
+            image = F.adjust_contrast(image, rand_uniform(*self.contrast))
         return image, label
 
 

@@ -6,7 +6,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from dinoseg.eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, get_backbone_out_indices
+from dinoseg.eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, autocast_context, get_backbone_out_indices
 from dinoseg.models.checkpoint import CheckpointError, load_head_state_dict
 
 from .heads.linear_head import LinearHead
@@ -48,9 +48,7 @@ class FeatureDecoder(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def autocast_ctx(self, x: torch.Tensor):
-        if self.autocast_dtype in (None, torch.float32):
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+        return autocast_context(x.device.type, self.autocast_dtype)
 
     def forward(self, x: torch.Tensor):
         """Training outputs of the head (linear: logits on the patch grid; m2f: the head's training dict)."""

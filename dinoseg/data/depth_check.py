@@ -1,0 +1,147 @@
+"""check-data for depth datasets: walk the dataset once and report, by file, what would break or skew training
+and evaluation.
+
+Problems (errors): missing or unreadable / corrupt image or depth map, image/depth size mismatch, empty split.
+Warnings: depth units that look wrong (the median valid depth, in metres after dividing by the dataset's
+`depth_scale`, is implausible, or above the dataset's `max_depth`), 8-bit depth maps (usually a
+visualisation, not a measurement), maps without any valid pixel (they score NaN and are left out of the
+metrics), and a large share of invalid pixels. The summary gives the depth range and the share of invalid
+pixels over the usable samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .check import Problem, _as_problem
+from .datasets.depth_base import depth_bit_depth
+
+# Plausible median depth of a scene (metres): below, the map is probably in a larger unit than declared
+# (e.g. metres read as millimetres); above, in a smaller one.
+PLAUSIBLE_MEDIAN_DEPTH = (0.05, 500.0)
+HIGH_INVALID_SHARE = 0.9  # a map with more missing pixels than this is flagged
+
+
+@dataclass
+class DepthCheckReport:
+    dataset: str
+    num_samples: int
+    num_checked: int
+    depth_scale: float
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    num_usable: int = 0  # checked samples without problems: the statistics count these
+    valid_pixels: int = 0
+    invalid_pixels: int = 0
+    min_depth: float = float("inf")  # metres, over the valid pixels of the usable samples
+    max_depth: float = 0.0
+    median_depths: list[float] = field(default_factory=list)  # per usable sample with valid pixels
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def invalid_share(self) -> float:
+        total = self.valid_pixels + self.invalid_pixels
+        return self.invalid_pixels / total if total else 0.0
+
+    def format(self, max_problems: int = 50) -> str:
+        return format_depth_report(self, max_problems)
+
+
+def _unit_fault(median_m: float, max_depth: float | None, scale: float) -> str | None:
+    low, high = PLAUSIBLE_MEDIAN_DEPTH
+    hint = (f"with depth_scale={scale:g} stored units per metre; is the scale right (NYU PNGs: 1000, KITTI PNGs: "
+            f"256, metres: 1)?")
+    if median_m < low:
+        return f"depth units look wrong: median valid depth {median_m:.4g} m {hint}"
+    if median_m > high or (max_depth is not None and median_m > max_depth):
+        bound = f" (this dataset's depths stop at {max_depth:g} m)" if max_depth is not None and median_m <= high else ""
+        return f"depth units look wrong: median valid depth {median_m:.4g} m{bound} {hint}"
+    return None
+
+
+def check_depth_dataset(dataset, max_samples: int | None = None, progress: bool = False) -> DepthCheckReport:
+    """Read every sample (image and depth, before transforms) and collect problems per file; never stops at the
+    first one and never raises on a bad file."""
+    n = len(dataset)
+    count = n if max_samples is None else min(n, int(max_samples))
+    scale = float(dataset.depth_scale)
+    max_depth = getattr(dataset, "max_depth", None)
+    report = DepthCheckReport(dataset=repr(dataset), num_samples=n, num_checked=count, depth_scale=scale)
+    report.problems += [Problem(p, f) for p, f in getattr(dataset, "problems", [])]
+    if n == 0 and not report.problems:
+        report.problems.append(Problem(str(getattr(dataset, "root", None)), "empty split: the dataset has no samples"))
+    indices = range(count)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="check-data", unit="img")
+    for i in indices:
+        image_path, depth_path = dataset.image_path(i), dataset.depth_path(i)
+        name = image_path or dataset.sample_name(i)
+        if image_path is not None and depth_path is None:
+            continue  # missing depth map: already in dataset.problems
+        before = len(report.problems)
+        image = depth = None
+        try:
+            image = dataset.load_image(i)
+        except Exception as e:
+            report.problems.append(_as_problem(e, name, "unreadable or corrupt image"))
+        try:
+            depth = dataset.load_depth(i)
+        except Exception as e:
+            report.problems.append(_as_problem(e, depth_path or name, "unreadable or corrupt depth map"))
+        if image is not None and depth is not None and image.shape[-2:] != depth.shape[-2:]:
+            report.problems.append(Problem(depth_path or name, f"image/depth size mismatch: depth is "
+                                           f"{tuple(depth.shape[-2:])} (H, W) but image {name} is {tuple(image.shape[-2:])}"))
+        if len(report.problems) > before or depth is None:
+            continue
+        where = depth_path or name
+        if depth_path is not None and depth_bit_depth(depth_path) == 8:
+            report.warnings.append(Problem(where, "8-bit depth map: at most 255 depth levels (a visualisation?); "
+                                                  "store depth as 16-bit PNG or float TIFF"))
+        values = depth.numpy().reshape(-1)
+        valid = values[values > 0]
+        invalid_share = 1.0 - valid.size / values.size
+        report.num_usable += 1
+        report.valid_pixels += int(valid.size)
+        report.invalid_pixels += int(values.size - valid.size)
+        if valid.size == 0:
+            report.warnings.append(Problem(where, "no valid depth pixel: this sample scores NaN and is left out of the metrics"))
+            continue
+        if invalid_share > HIGH_INVALID_SHARE:
+            report.warnings.append(Problem(where, f"{100 * invalid_share:.1f}% of the pixels have no depth"))
+        metres = valid.astype(np.float64) / scale
+        median = float(np.median(metres))
+        report.median_depths.append(median)
+        report.min_depth = min(report.min_depth, float(metres.min()))
+        report.max_depth = max(report.max_depth, float(metres.max()))
+        fault = _unit_fault(median, max_depth, scale)
+        if fault is not None:
+            report.warnings.append(Problem(where, fault))
+    return report
+
+
+def format_depth_report(report: DepthCheckReport, max_problems: int = 50) -> str:
+    lines = [f"Checked {report.num_checked}/{report.num_samples} samples of {report.dataset}: "
+             f"{report.num_usable} without problems"]
+    for title, items, empty in (("problem(s)", report.problems, "No problems found."), ("warning(s)", report.warnings, None)):
+        if items:
+            lines.append(f"{len(items)} {title}:")
+            lines += [f"  {p.path}: {p.fault}" for p in items[:max_problems]]
+            if len(items) > max_problems:
+                lines.append(f"  ... and {len(items) - max_problems} more")
+        elif empty:
+            lines.append(empty)
+    if report.median_depths:
+        medians = np.asarray(report.median_depths)
+        lines.append(
+            f"Depth over the {report.num_usable} samples without problems (depth_scale {report.depth_scale:g} per metre): "
+            f"{report.min_depth:.3g}-{report.max_depth:.3g} m, per-image median {np.median(medians):.3g} m "
+            f"({medians.min():.3g}-{medians.max():.3g}); {100 * report.invalid_share:.2f}% of the pixels have no depth"
+        )
+    return "\n".join(lines)
