@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from .data.io import DatasetError
 from .engine import distributed
 from .engine.config import ConfigError, layer_value, read_layers
@@ -17,6 +19,7 @@ from .eval import TASKS, task_runner
 from .models.checkpoint import CheckpointError
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,15 +54,31 @@ def load(items: list[str], command: str):
     return runner, runner.config_from_layers(layers, require)
 
 
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line. An error raised in a data-loader worker comes back wrapped in the
+    worker's traceback; its last line is the original message (which names the file)."""
+    text = str(error).strip() or type(error).__name__
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        runner, cfg = load(args.config, args.command)
-        return runner.main(args.command, cfg, args)
-    except (ConfigError, CheckpointError, DatasetError, TrainingError, FileNotFoundError) as e:
-        print(f"dinoseg: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        with logging_redirect_tqdm():  # log lines go above the progress bars, not onto them
+            runner, cfg = load(args.config, args.command)
+            return runner.main(args.command, cfg, args)
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, OSError) as e:
+        print(f"dinoseg: error: {one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("dinoseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         distributed.cleanup()
 

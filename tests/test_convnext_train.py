@@ -55,7 +55,7 @@ def test_four_even_intervals_linear_head_train_eval_predict(tmp_path):
     # Eval and predict through the same entry point, in-process (a subprocess each would only add start-up time).
     config = str(out / "segmentation_config.yaml")
     assert main(["eval", config, f"head={out / LAST}", f"output_dir={tmp_path / 'eval'}"]) == 0
-    results = json.loads((tmp_path / "eval" / "results-semantic-segmentation.json").read_text())
+    results = json.loads((tmp_path / "eval" / "eval" / "checkpoint_last" / "results-semantic-segmentation.json").read_text())
     assert results["num_samples"] == 6 and results["mIoU"] == trained["mIoU"]
 
     from PIL import Image

@@ -34,8 +34,8 @@ def test_two_process_training_and_sharded_evaluation(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(["eval", config, f"head={out / LAST}", f"output_dir={tmp_path / 'eval2'}"])
     assert two.returncode == 0, two.stderr[-3000:]
-    r1 = json.loads((tmp_path / "eval1" / "results-semantic-segmentation.json").read_text())
-    r2 = json.loads((tmp_path / "eval2" / "results-semantic-segmentation.json").read_text())
+    r1 = json.loads((tmp_path / "eval1" / "eval" / "checkpoint_last" / "results-semantic-segmentation.json").read_text())
+    r2 = json.loads((tmp_path / "eval2" / "eval" / "checkpoint_last" / "results-semantic-segmentation.json").read_text())
     assert r1 == r2
     # The 2-process training's own final validation used the same sharded code path.
     r_train = json.loads((out / "results-semantic-segmentation.json").read_text())

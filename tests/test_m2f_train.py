@@ -191,7 +191,7 @@ def test_m2f_eval_and_predict_from_a_trained_head(tmp_path):
     config = str(out / "segmentation_config.yaml")
     assert main(["eval", config, f"head={out / LAST}", f"output_dir={tmp_path / 'eval'}", "eval.max_val_samples=2",
                  "eval.use_tta=true", "transforms.eval.tta_ratios=[0.75,1.0]"]) == 0
-    results = json.loads((tmp_path / "eval" / "results-semantic-segmentation.json").read_text())
+    results = json.loads((tmp_path / "eval" / "eval" / "checkpoint_last" / "results-semantic-segmentation.json").read_text())
     assert results["num_samples"] == 2 and 0.0 <= results["mIoU"] <= 1.0
     Image.new("RGB", (45, 70), (30, 30, 220)).save(tmp_path / "x.png")
     assert main(["predict", config, f"head={out / LAST}", "--input", str(tmp_path / "x.png"),

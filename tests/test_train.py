@@ -29,10 +29,12 @@ def test_train_then_eval_then_predict(tmp_path, capsys):
     train_results = json.loads((out / "results-semantic-segmentation.json").read_text())
     assert train_results["mIoU"] > 0.3  # chance is ~1/6 on the synthetic classes
 
-    # Evaluating the saved head reproduces the final validation exactly.
-    eval_dir = tmp_path / "eval"
-    assert main(["eval", str(out / "segmentation_config.yaml"), f"head={out / LAST}", f"output_dir={eval_dir}",
-                 "eval.save_predictions=true"]) == 0
+    # Evaluating the saved head reproduces the final validation exactly, in the run's eval/<head> folder: the
+    # training run's own results are left as they are.
+    before = {p: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["eval", str(out / "segmentation_config.yaml"), f"head={out / LAST}", "eval.save_predictions=true"]) == 0
+    assert {p: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    eval_dir = out / "eval" / "checkpoint_last"
     eval_results = json.loads((eval_dir / "results-semantic-segmentation.json").read_text())
     assert eval_results["mIoU"] == train_results["mIoU"]
     assert len(list((eval_dir / "predictions").glob("*.png"))) == 6
@@ -89,7 +91,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert "eval.eval_interval=9" in error_of(["train", *base, "eval.eval_interval=9"])
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    assert "is not writable" in error_of(["train", *base, f"output_dir={blocker / 'sub'}"])
+    assert "cannot be created (Not a directory)" in error_of(["train", *base, f"output_dir={blocker / 'sub'}"])
     assert "head checkpoint not found" in error_of(["eval", *base, f"head={tmp_path / 'none.pth'}"])
 
 

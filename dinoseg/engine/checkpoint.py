@@ -1,15 +1,18 @@
 """Training checkpoints: the head only, written atomically by rank 0, with everything needed for an exact resume."""
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..models.checkpoint import CheckpointError, load_state_dict_file
+from ..models.checkpoint import CheckpointError, load_state_dict_file, read_torch_file
 from ..models.frozen import head_state_dict
 from . import distributed
+from .config import ConfigError, merge_layers
+from .files import write_atomically
+from .optim import TrainingError
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
@@ -69,8 +72,10 @@ def _from_plain_rng(state: dict) -> dict:
 
 
 def save_checkpoint(path: Path, *, model, step, iteration: int, best: dict, config_yaml: str) -> None:
-    """Collective (every rank must call it: RNG states are gathered); rank 0 writes `path` atomically.
-    `step` is the `OptimizerStep` (optimizer, scheduler and gradient-scaler states)."""
+    """Collective (every rank must call it: RNG states are gathered); rank 0 writes `path` atomically and
+    durably (temporary file, fsync, rename, fsync of the directory). A full disk or any other write error leaves
+    the previous checkpoint intact and no temporary file behind. `step` is the `OptimizerStep` (optimizer,
+    scheduler and gradient-scaler states)."""
     states = distributed.all_gather_object(_to_numpy(rng_state()))
     if not distributed.is_main_process():
         return
@@ -82,29 +87,85 @@ def save_checkpoint(path: Path, *, model, step, iteration: int, best: dict, conf
         "rng": _to_plain(states),
         "config": config_yaml,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    try:
+        write_atomically(path, lambda f: torch.save(payload, f))
+    except OSError as e:
+        kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint"
+        raise TrainingError(f"{path}: checkpoint of iteration {iteration} not written ({e.strerror or e}); {kept}") from None
+
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "best", "rng", "config")
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint written by `save_checkpoint` (to resume from), checked for every part a resume needs."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    checkpoint = read_torch_file(Path(path))
+    missing = [k for k in TRAINING_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: not a dinoseg training checkpoint (no {', '.join(missing)}); cannot resume from it")
+    return checkpoint
+
+
+def peek_iteration(path: Path) -> str:
+    """The iteration a checkpoint was written at, for messages ('?' when it cannot be read)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint file not found") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable dinoseg checkpoint ({str(e).splitlines()[0]})") from None
+        return str(int(read_torch_file(Path(path))["iteration"]))
+    except Exception:
+        return "?"
+
+
+def check_resume(checkpoint: dict, config: DictConfig, schema: type, allowed: tuple[str, ...], source: str) -> list[str]:
+    """The resume contract: `config` may differ from the one saved in `checkpoint` only in `allowed` keys (dotted
+    prefixes: bookkeeping such as logging and checkpoint intervals). Anything else is refused in one line naming
+    each key with both values. Returns the allowed changes, as `key: old -> new`, for the log."""
+    saved = _comparable(OmegaConf.create(checkpoint["config"]), schema)
+    now = _comparable(config, schema)
+    iteration = int(checkpoint["iteration"])
+    if now.get("scheduler.total_iter", iteration) < iteration:
+        raise ConfigError(f"scheduler.total_iter={now['scheduler.total_iter']}: the run in {source} is already at "
+                          f"iteration {iteration}")
+    changed = sorted(k for k in saved.keys() | now.keys() if k in now and saved.get(k) != now.get(k))
+    refused = [k for k in changed if not k.startswith(allowed)]
+    if refused:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in refused)
+        raise ConfigError(f"train.resume=true: {source} was trained with another configuration ({diffs}); resume "
+                          f"with the same values, or start a new run (another output_dir or overwrite_output_dir=true)")
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed]
+
+
+def _comparable(config: DictConfig, schema: type) -> dict:
+    """Dotted key -> value, with enum spellings normalised through `schema` (a config saved by another dinoseg
+    version that does not fit the schema is compared as written)."""
+    layer = OmegaConf.create(OmegaConf.to_yaml(config, resolve=True))
+    try:
+        layer = merge_layers(schema, [layer], require=())
+    except ConfigError:
+        pass
+    return _flatten(OmegaConf.create(OmegaConf.to_yaml(layer, resolve=True)))
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, DictConfig):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+    return out
+
+
+def check_world_size(checkpoint: dict) -> None:
+    written_by, now = len(checkpoint["rng"]), distributed.get_world_size()
+    if written_by != now:
+        raise CheckpointError(f"the checkpoint was written by {written_by} processes; resume with the same number "
+                              f"(this run has {now})")
 
 
 def restore_rng(checkpoint: dict) -> None:
-    states = checkpoint["rng"]
-    rank = distributed.get_rank()
-    if len(states) != distributed.get_world_size():
-        raise CheckpointError(
-            f"checkpoint was written by {len(states)} processes; resume with the same number "
-            f"(got {distributed.get_world_size()})"
-        )
-    set_rng_state(_from_plain_rng(states[rank]))
+    check_world_size(checkpoint)
+    set_rng_state(_from_plain_rng(checkpoint["rng"][distributed.get_rank()]))
 
 
 def read_head_weights(path: str) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ checked against the task's dataclass schema), the sections every task has, and s
 OmegaConf rejects unknown keys and wrong types, and its errors become one line naming the key.
 """
 
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..models.checkpoint import first_line
 from .schedulers import SchedulerType
 
 
@@ -87,6 +89,15 @@ class TrainConfig:
     tensorboard: bool = False
 
 
+# Keys of the shared sections that a resumed run may change: they touch bookkeeping, not the model, the data or
+# the optimisation (tasks add their own). Extending `scheduler.total_iter` is allowed; shrinking it below the
+# checkpoint's iteration is an error.
+BOOKKEEPING_KEYS = (
+    "train.resume", "train.log_interval", "train.checkpoint_interval", "train.tensorboard", "train.num_workers",
+    "eval.eval_interval", "scheduler.total_iter", "device", "head", "output_dir", "overwrite_output_dir",
+)
+
+
 def config_dir() -> Path:
     """The configs shipped inside the package (found by bare name: `dinoseg train demo.yaml`)."""
     return Path(str(resources.files("dinoseg") / "configs"))
@@ -109,7 +120,7 @@ def read_yaml(path: str | Path) -> DictConfig:
     try:
         layer = OmegaConf.load(path)
     except Exception as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(layer, DictConfig):
         kind = "a list" if isinstance(layer, ListConfig) else type(layer).__name__
         raise ConfigError(f"{path}: the top level must be a mapping of keys, found {kind}")
@@ -123,12 +134,12 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         try:
             OmegaConf.from_dotlist([item])
         except Exception as e:  # any YAML error in the value
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({first_line(e)})") from None
     return OmegaConf.from_dotlist(list(overrides))
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
-    msg = str(err).splitlines()[0]
+    msg = first_line(err)
     key = getattr(err, "full_key", None)
     return f"{key}: {msg}" if key and key not in msg else msg
 
@@ -216,6 +227,34 @@ def fail(key: str, value, why: str):
     raise ConfigError(f"{key}={value!r}: {why}")
 
 
+# Range rules: (test, what the value must be). None always passes: the schema decides which keys may be None.
+POSITIVE = (lambda v: v > 0, "must be positive")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+FRACTION = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+OPEN_FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def check_ranges(cfg: DictConfig, rules: dict[str, tuple]) -> None:
+    """`rules`: dotted key -> (test, description); None passes when the key's schema type is optional."""
+    for key, (test, why) in rules.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, float) and math.isnan(value) or not test(value):
+            fail(key, value, why)
+
+
+def validate_device(name: str | None) -> None:
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        fail("device", name, "expected a torch device such as 'cpu', 'cuda' or 'cuda:1'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("device", name, "CUDA is not available on this machine")
+
+
 def validate_common(cfg: DictConfig) -> None:
     """Range checks of the sections every task shares (tasks check their own sections)."""
     from ..models.backbones import ARCHS, CONVNEXT_ARCHS
@@ -225,14 +264,16 @@ def validate_common(cfg: DictConfig) -> None:
         fail("model.dino_hub", None, "give a hub name or model.backbone_kwargs")
     if m.dino_hub is not None and m.dino_hub not in ARCHS and m.dino_hub not in CONVNEXT_ARCHS:
         fail("model.dino_hub", m.dino_hub, f"expected one of {sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
-    s = cfg.scheduler
-    total = s.total_iter
-    if total <= 0:
-        fail("scheduler.total_iter", total, "must be positive")
-    if s.warmup_iters < 0 or s.warmup_iters >= total:
-        fail("scheduler.warmup_iters", s.warmup_iters, f"must be in [0, scheduler.total_iter={total})")
-    t = cfg.train
-    if t.batch_size <= 0:
-        fail("train.batch_size", t.batch_size, "must be positive")
-    if t.checkpoint_interval <= 0:
-        fail("train.checkpoint_interval", t.checkpoint_interval, "must be positive")
+    total = cfg.scheduler.total_iter
+    check_ranges(cfg, {
+        "model.random_init_seed": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "optimizer.lr": POSITIVE, "optimizer.beta1": OPEN_FRACTION, "optimizer.beta2": OPEN_FRACTION,
+        "optimizer.weight_decay": NON_NEGATIVE, "optimizer.gradient_clip": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
+        "scheduler.total_iter": POSITIVE,
+        "scheduler.warmup_iters": (lambda v: 0 <= v < total, f"must be in [0, scheduler.total_iter={total})"),
+        "scheduler.warmup_ratio": FRACTION, "scheduler.final_div_factor": POSITIVE, "scheduler.div_factor": POSITIVE,
+        "scheduler.poly_power": NON_NEGATIVE, "scheduler.min_lr": NON_NEGATIVE,
+        "train.batch_size": POSITIVE, "train.num_workers": NON_NEGATIVE, "train.checkpoint_interval": POSITIVE,
+        "train.log_interval": POSITIVE,
+    })
+    validate_device(cfg.device)

@@ -1,10 +1,13 @@
 """One code path for 1 process and N processes launched by torchrun (env:// rendezvous)."""
 
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+from .optim import TrainingError
 
 
 def is_enabled() -> bool:
@@ -75,6 +78,23 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def together():
+    """A block that every process runs (set-up checks, say): if it fails on any process, it fails on all of them,
+    with the first failure's message, instead of leaving the others waiting at the next collective call."""
+    failure = None
+    try:
+        yield
+    except Exception as e:  # re-raised below, on every process
+        failure = e
+    failures = all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if first is not None:
+        raise TrainingError(f"process {first[0]} failed: {first[1]}")
 
 
 class CrossProcessBatchNorm2d(torch.nn.BatchNorm2d):

@@ -9,6 +9,14 @@ from .config import Precision
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
 
+    exit_code = 2
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C during training; the message gives the iteration reached, the last checkpoint and how to resume."""
+
+    exit_code = 130
+
 
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (the frozen backbone has none)."""

@@ -7,12 +7,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import distributed
+from .files import write_atomically
 
 
-def progress(total: int | None = None, *, desc: str, initial: int = 0, leave: bool = True, iterable=None) -> tqdm:
+def progress(total: int | None = None, *, desc: str, initial: int = 0, leave: bool = True, iterable=None,
+             disable: bool = False) -> tqdm:
     """A progress bar on rank 0 only; redrawn at most every few seconds when stderr is a log file, not a terminal."""
     return tqdm(iterable, total=total, initial=initial, desc=desc, leave=leave, dynamic_ncols=True,
-                disable=not distributed.is_main_process(), mininterval=0.1 if sys.stderr.isatty() else 10.0)
+                disable=disable or not distributed.is_main_process(), mininterval=0.1 if sys.stderr.isatty() else 10.0)
 
 
 class MetricsLog:
@@ -46,7 +48,9 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
+        text = "".join(ln + "\n" for ln in lines)
+        if text != self.path.read_text():
+            write_atomically(self.path, lambda f: f.write(text.encode()))
 
 
 def plot_history(run_dir: Path, metrics: dict[str, tuple[float, float] | None]) -> Path:

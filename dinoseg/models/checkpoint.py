@@ -32,7 +32,10 @@ def resolve_weights_path(weights: str | os.PathLike, check_hash: bool = False) -
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / os.path.basename(urlparse(text).path)
         if not path.exists():
-            torch.hub.download_url_to_file(text, str(path), progress=True)
+            try:
+                torch.hub.download_url_to_file(text, str(path), progress=True)
+            except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, no network
+                raise CheckpointError(f"{text}: download failed ({first_line(e)})") from None
     elif scheme == "file":
         path = Path(url2pathname(urlparse(text).path))
     elif scheme in ("", "c", "d") or len(scheme) == 1:  # plain paths (incl. Windows drive letters)
@@ -62,6 +65,28 @@ def verify_hash_in_name(path: Path) -> None:
         )
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when the message is empty (EOFError on a 0-byte file)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_torch_file(path: Path):
+    """`torch.load(path, weights_only=True)` on the CPU, every failure one `CheckpointError` naming the file."""
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e) or "Unsupported operand" in str(e):  # garbage, not objects
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {first_line(e)})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: holds Python objects beyond tensors{what}; refused") from None
+    except Exception as e:  # truncated zip, a text file, ...: torch raises many types
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {first_line(e)})") from None
+
+
 def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file, or a Hugging Face model directory."""
     path = resolve_weights_path(path, check_hash=check_hash)
@@ -80,17 +105,7 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> d
             return load_file(str(path), device="cpu")
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if found:
-            raise CheckpointError(
-                f"{path}: refused by torch.load(weights_only=True): it pickles {found.group(1)}, not just tensors"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    obj = read_torch_file(path)
     for wrapper in ("state_dict", "model"):  # trainers (ours, the official segmentation code) wrap the weights
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

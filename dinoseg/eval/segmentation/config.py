@@ -10,12 +10,17 @@ from omegaconf import DictConfig
 
 from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ...engine.config import (
+    FRACTION,
+    NON_NEGATIVE,
+    OPEN_FRACTION,
+    POSITIVE,
     ConfigError,
     ModelConfig,
     OptimizerConfig,
     Precision,
     SchedulerConfig,
     TrainConfig,
+    check_ranges,
     fail,
     merge_layers,
     read_layers,
@@ -118,6 +123,7 @@ class SegmentationConfig:
     train: SegmentationTrainConfig = field(default_factory=SegmentationTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False  # train into a directory that holds another run, replacing its files
     seed: int = 0
     precision: Precision = Precision.FLOAT32
     device: str | None = None  # None: CUDA when available, else CPU
@@ -137,20 +143,45 @@ def config_from_layers(layers, require: tuple[str, ...] = ("",)) -> DictConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Value ranges and cross-field checks OmegaConf cannot express."""
+    """Value ranges and cross-field checks OmegaConf cannot express, so a bad value fails before anything runs."""
     validate_common(cfg)
     if cfg.task != "segmentation":
         fail("task", cfg.task, "this is a segmentation config")
     total = cfg.scheduler.total_iter
-    if cfg.eval.eval_interval <= 0 or cfg.eval.eval_interval > total:
-        fail("eval.eval_interval", cfg.eval.eval_interval, f"must be in [1, scheduler.total_iter={total}]")
-    if cfg.eval.crop_size <= 0 or not 0 < cfg.eval.stride <= cfg.eval.crop_size:
-        fail("eval.stride", cfg.eval.stride, f"must be in [1, eval.crop_size={cfg.eval.crop_size}]")
+    crop = cfg.eval.crop_size
+    check_ranges(cfg, {
+        "decoder_head.num_classes": (lambda v: v > 0, "must be positive (or null: from the head checkpoint or dataset)"),
+        "decoder_head.hidden_dim": POSITIVE, "decoder_head.dropout": OPEN_FRACTION,
+        "decoder_head.m2f.num_queries": POSITIVE, "decoder_head.m2f.nheads": POSITIVE,
+        "decoder_head.m2f.dim_feedforward": POSITIVE, "decoder_head.m2f.enc_layers": POSITIVE,
+        "decoder_head.m2f.dec_layers": POSITIVE, "decoder_head.m2f.pixel_decoder_nheads": POSITIVE,
+        "decoder_head.m2f.adapter.conv_inplane": POSITIVE, "decoder_head.m2f.adapter.n_points": POSITIVE,
+        "decoder_head.m2f.adapter.deform_num_heads": POSITIVE, "decoder_head.m2f.adapter.drop_path_rate": OPEN_FRACTION,
+        "decoder_head.m2f.adapter.cffn_ratio": POSITIVE, "decoder_head.m2f.adapter.deform_ratio": POSITIVE,
+        "transforms.train.img_size": POSITIVE, "transforms.train.crop_size": POSITIVE,
+        "transforms.train.cat_max_ratio": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        "transforms.train.flip_prob": FRACTION, "transforms.eval.img_size": POSITIVE,
+        "transforms.eval.tta_ratios": (lambda v: len(v) > 0 and all(r > 0 for r in v),
+                                       "expected a non-empty list of positive ratios"),
+        "transforms.mean": (lambda v: len(v) == 3, "expected 3 values (RGB)"),
+        "transforms.std": (lambda v: len(v) == 3 and all(x > 0 for x in v), "expected 3 positive values (RGB)"),
+        "train.diceloss_weight": NON_NEGATIVE, "train.celoss_weight": NON_NEGATIVE,
+        "train.m2f_loss.class_weight": NON_NEGATIVE, "train.m2f_loss.mask_weight": NON_NEGATIVE,
+        "train.m2f_loss.dice_weight": NON_NEGATIVE, "train.m2f_loss.no_object_weight": NON_NEGATIVE,
+        "train.m2f_loss.train_num_points": POSITIVE, "train.m2f_loss.oversample_ratio": (lambda v: v >= 1, "must be >= 1"),
+        "train.m2f_loss.importance_sample_ratio": FRACTION,
+        "eval.crop_size": POSITIVE, "eval.stride": (lambda v: 0 < v <= crop, f"must be in [1, eval.crop_size={crop}]"),
+        "eval.crop_batch_size": POSITIVE, "eval.max_val_samples": POSITIVE,
+        "eval.eval_interval": (lambda v: 0 < v <= total, f"must be in [1, scheduler.total_iter={total}]"),
+        "eval.metric_to_save": (lambda v: v in SUMMARY_NAMES.values(), f"expected one of {list(SUMMARY_NAMES.values())}"),
+    })
     lo, hi = cfg.transforms.train.random_img_size_ratio_range
     if not 0 < lo <= hi:
         fail("transforms.train.random_img_size_ratio_range", [lo, hi], "expected 0 < low <= high")
-    if cfg.eval.metric_to_save not in SUMMARY_NAMES.values():
-        fail("eval.metric_to_save", cfg.eval.metric_to_save, f"expected one of {list(SUMMARY_NAMES.values())}")
-    for key in ("mean", "std"):
-        if len(cfg.transforms[key]) != 3:
-            fail(f"transforms.{key}", list(cfg.transforms[key]), "expected 3 values (RGB)")
+    if cfg.train.diceloss_weight == 0 and cfg.train.celoss_weight == 0:
+        fail("train.celoss_weight", 0.0, "train.diceloss_weight and train.celoss_weight are both 0: no loss to train")
+    head = cfg.decoder_head
+    if DecoderType(head.type) is DecoderType.M2F:
+        for key in ("nheads", "pixel_decoder_nheads"):
+            if head.hidden_dim % head.m2f[key]:
+                fail(f"decoder_head.m2f.{key}", head.m2f[key], f"must divide decoder_head.hidden_dim={head.hidden_dim}")

@@ -1,6 +1,7 @@
 """Evaluation: sharded over processes without duplicates, metric sums all-reduced, results written by rank 0."""
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ from PIL import Image
 
 from ...data.datasets.base import IGNORE_INDEX
 from ...engine import reporting
+from ...engine.files import write_atomically
 from ...models.frozen import set_train_mode
 from .inference import AccumulatorBuffer, InferenceSettings
 from .metrics import SEGMENTATION_METRICS, SUMMARY_NAMES, SegmentationMetrics, format_per_class_table
@@ -30,16 +32,16 @@ def evaluate_segmentation_model(model, loader, settings: InferenceSettings, num_
     buffer = AccumulatorBuffer()  # one sliding-window accumulator for the whole loop
     metrics = SegmentationMetrics(num_classes=num_classes, ignore_index=IGNORE_INDEX, class_names=class_names,
                                   device=device)
-    bar = reporting.progress(desc="eval", leave=False, iterable=loader) if progress else loader
-    for index, (image, label) in zip(loader.sampler, bar):
-        image = image.to(device)
-        label = label[0].to(device)
-        probs = settings(image, model, rescale_to=tuple(label.shape[-2:]), buffer=buffer)
-        pred = probs.argmax(dim=1)[0]
-        metrics.update(pred, label)
-        if save_dir is not None:
-            name = _sample_name(loader.dataset, index)
-            Image.fromarray(pred.to(torch.uint8).cpu().numpy()).save(save_dir / f"{Path(name).stem}.png")
+    with reporting.progress(desc="eval", leave=False, iterable=loader, disable=not progress) as bar:
+        for index, (image, label) in zip(loader.sampler, bar):
+            image = image.to(device)
+            label = label[0].to(device)
+            probs = settings(image, model, rescale_to=tuple(label.shape[-2:]), buffer=buffer)
+            pred = probs.argmax(dim=1)[0]
+            metrics.update(pred, label)
+            if save_dir is not None:
+                name = _sample_name(loader.dataset, index)
+                Image.fromarray(pred.to(torch.uint8).cpu().numpy()).save(save_dir / f"{Path(name).stem}.png")
     metrics.all_reduce()
     set_train_mode(model, was_training)
     results = metrics.compute()
@@ -71,9 +73,10 @@ def write_results(results: dict, output_dir: Path) -> None:
     """The official one-row CSV of dataset metrics, plus a JSON with every metric and the per-class table."""
     # Official column names (mIoU, acc, aAcc, dice, fscore, precision, recall), fractions as the official code.
     row = {name: results[SUMMARY_NAMES[name]] for name in SEGMENTATION_METRICS}
-    with open(output_dir / RESULTS_FILENAME, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(row))
-        writer.writerow([f"{v:.6f}" for v in row.values()])
-    with open(output_dir / METRICS_FILENAME, "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(list(row))
+    writer.writerow([f"{v:.6f}" for v in row.values()])
+    write_atomically(output_dir / RESULTS_FILENAME, lambda f: f.write(table.getvalue().encode()))
+    text = json.dumps(results, indent=2, default=float)
+    write_atomically(output_dir / METRICS_FILENAME, lambda f: f.write(text.encode()))

@@ -1,6 +1,8 @@
 """The segmentation task behind the `dinoseg` command: train, eval, predict, demo, check-data."""
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,12 @@ from ...data.io import IMAGE_EXTENSIONS, DatasetError, load_image
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError
+from ...engine.files import write_atomically
 from ...engine.rundir import prepare_output_dir
 from ...engine.training import evaluation_loader
 from .config import SegmentationConfig, config_from_layers
 from .decoders import resolve_num_classes
-from .eval import evaluate_segmentation_model, format_metrics_table, write_results
+from .eval import RESULTS_FILENAME, evaluate_segmentation_model, format_metrics_table, write_results
 from .inference import AccumulatorBuffer
 from .models.released import SegmentorWeights, head_location
 from .setup import build_eval_transforms, build_model_with_head, build_val_dataset, inference_settings
@@ -53,22 +56,29 @@ def load_segmentor(cfg: DictConfig, device: torch.device):
     return model.to(device).eval(), num_classes
 
 
+def eval_dir(cfg: DictConfig) -> Path:
+    """Where `dinoseg eval` writes: `<output_dir>/eval/<head file stem>`, so that evaluating a run's checkpoints
+    never replaces the training run's own results."""
+    return Path(cfg.output_dir) / "eval" / Path(str(cfg.head)).stem
+
+
 def run_eval(cfg: DictConfig) -> dict:
     device = distributed.setup(cfg.device)
-    out = prepare_output_dir(cfg.output_dir) if distributed.is_main_process() else Path(cfg.output_dir)
     dataset = build_val_dataset(cfg)
     model, num_classes = load_segmentor(cfg, device)
-    save_dir = None
-    if cfg.eval.save_predictions:
-        save_dir = out / "predictions"
-        save_dir.mkdir(parents=True, exist_ok=True)
     loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
                                max_samples=cfg.eval.max_val_samples)
+    out = eval_dir(cfg)
+    save_dir = out / "predictions" if cfg.eval.save_predictions else None
+    if distributed.is_main_process():  # everything is checked: now the outputs
+        prepare_output_dir(save_dir or out)
+    distributed.barrier()
     results = evaluate_segmentation_model(model, loader, inference_settings(cfg), num_classes, device,
                                           getattr(dataset, "class_names", None), save_dir=save_dir)
     if distributed.is_main_process():
         write_results(results, out)
         print(format_metrics_table(results))
+        print(f"results: {out / RESULTS_FILENAME}")
     return results
 
 
@@ -96,27 +106,50 @@ def _dataset_palette(cfg: DictConfig):
     return getattr(dataset, "palette", None)
 
 
-def list_images(inputs: list[str]) -> list[Path]:
+PREDICT_MANIFEST = ".dinoseg_predict.json"  # the files predict wrote into an output folder
+OUTPUT_SUFFIXES = ("mask", "overlay", "label")
+
+
+def _written_before(out: Path) -> set[Path]:
+    manifest = out / PREDICT_MANIFEST
+    if not manifest.exists():
+        return set()
+    try:
+        return {(out / name).resolve() for name in json.loads(manifest.read_text())}
+    except (OSError, ValueError, TypeError):
+        raise ConfigError(f"{manifest}: unreadable list of earlier predictions; delete it or choose another -o") from None
+
+
+def list_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
+    """(image, output name without suffix) for every image in `inputs` (files, or folders searched recursively).
+    Output names mirror the images' paths below their common folder, so images of the same name in different
+    folders keep their own results; files an earlier `predict` wrote into `out` are not inputs."""
+    own = _written_before(out)
     paths = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.exists():
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            paths += [q for q in found if q.resolve() not in own]
+        elif p.is_file():
             paths.append(p)
         else:
             raise ConfigError(f"{p}: input image or folder not found")
+    paths = list(dict.fromkeys(q.resolve() for q in paths))  # an image named twice is segmented once
     if not paths:
         raise ConfigError(f"no images found in {inputs}")
-    return paths
+    common = Path(os.path.commonpath([q.parent for q in paths]))
+    return [(q, q.relative_to(common).with_suffix("")) for q in paths]
 
 
 @torch.no_grad()
 def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num_classes=None) -> list[Path]:
-    """Colour masks (`<name>_mask.png`), overlays (`<name>_overlay.png`) and raw class ids (`<name>_label.png`)."""
+    """Colour masks (`<name>_mask.png`), overlays (`<name>_overlay.png`) and raw class ids (`<name>_label.png`).
+    An unreadable image is reported and skipped; the others are still segmented, then the command fails naming
+    every image it skipped."""
     device = distributed.setup(cfg.device)
-    images = list_images(inputs)
-    out = prepare_output_dir(output)
+    images = list_images(inputs, Path(output))
     if model is None:
         model, num_classes = load_segmentor(cfg, device)
     palette = _dataset_palette(cfg)
@@ -126,21 +159,33 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num
     transform = build_eval_transforms(cfg)
     settings = inference_settings(cfg)
     buffer = AccumulatorBuffer()
-    written = []
-    for path in images:
-        raw = load_image(str(path))  # uint8 [3, H, W], any mode -> RGB
-        dummy = torch.zeros(raw.shape[-2:], dtype=torch.int64)
-        image, _ = transform(raw, dummy)
-        probs = settings(image.unsqueeze(0).to(device), model, rescale_to=tuple(raw.shape[-2:]), buffer=buffer)
-        pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-        colour = lut[pred]
-        rgb = raw.permute(1, 2, 0).numpy()
-        overlay = (0.5 * rgb + 0.5 * colour).astype(np.uint8)
-        for suffix, array in (("mask", colour), ("overlay", overlay), ("label", pred)):
-            target = out / f"{path.stem}_{suffix}.png"
-            Image.fromarray(array).save(target)
-            written.append(target)
-    print(f"wrote {len(written)} files to {output}")
+    out = prepare_output_dir(output)
+    written, failed = [], []
+    with reporting.progress(desc="predict", iterable=images) as bar:
+        for path, name in bar:
+            try:
+                raw = load_image(str(path))  # uint8 [3, H, W], any mode -> RGB
+            except DatasetError as e:
+                failed.append(str(e))
+                continue
+            dummy = torch.zeros(raw.shape[-2:], dtype=torch.int64)
+            image, _ = transform(raw, dummy)
+            probs = settings(image.unsqueeze(0).to(device), model, rescale_to=tuple(raw.shape[-2:]), buffer=buffer)
+            pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+            colour = lut[pred]
+            overlay = (0.5 * raw.permute(1, 2, 0).numpy() + 0.5 * colour).astype(np.uint8)
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            for suffix, array in zip(OUTPUT_SUFFIXES, (colour, overlay, pred)):
+                target = out / f"{name}_{suffix}.png"
+                Image.fromarray(array).save(target)
+                written.append(target)
+    manifest = sorted({str(p.relative_to(out.resolve())) for p in _written_before(out)} |
+                      {str(p.relative_to(out)) for p in written})
+    write_atomically(out / PREDICT_MANIFEST, lambda f: f.write(json.dumps(manifest, indent=0).encode()))
+    print(f"wrote {len(written)} files for {len(images) - len(failed)} images to {output}")
+    if failed:
+        raise DatasetError(f"{len(failed)} of {len(images)} images could not be read and were skipped: "
+                           + "; ".join(failed))
     return written
 
 
