@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from tqdm.contrib.logging import logging_redirect_tqdm
+from tqdm import tqdm
 
 from .data.io import DatasetError
 from .engine import distributed
@@ -54,6 +54,16 @@ def load(items: list[str], command: str):
     return runner, runner.config_from_layers(layers, require)
 
 
+class _AboveBars(logging.StreamHandler):
+    """Log lines printed above the progress bars instead of onto them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def one_line(error: BaseException) -> str:
     """The message of `error` on one line. An error raised in a data-loader worker comes back wrapped in the
     worker's traceback; its last line is the original message (which names the file)."""
@@ -68,11 +78,10 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[_AboveBars()])
     try:
-        with logging_redirect_tqdm():  # log lines go above the progress bars, not onto them
-            runner, cfg = load(args.config, args.command)
-            return runner.main(args.command, cfg, args)
+        runner, cfg = load(args.config, args.command)
+        return runner.main(args.command, cfg, args)
     except (ConfigError, CheckpointError, DatasetError, TrainingError, OSError) as e:
         print(f"dinoseg: error: {one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_ERROR)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..models.checkpoint import first_line
@@ -118,11 +119,13 @@ def read_yaml(path: str | Path) -> DictConfig:
     """One YAML layer; anything but a mapping at the top level is an error naming the file."""
     path = find_config_file(path)
     try:
-        layer = OmegaConf.load(path)
+        text = path.read_text()
+        data = yaml.safe_load(text)
+        layer = OmegaConf.create(text) if data is not None else OmegaConf.create({})
     except Exception as e:
         raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
-    if not isinstance(layer, DictConfig):
-        kind = "a list" if isinstance(layer, ListConfig) else type(layer).__name__
+    if not isinstance(data, dict | None) or not isinstance(layer, DictConfig):
+        kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
         raise ConfigError(f"{path}: the top level must be a mapping of keys, found {kind}")
     return layer
 

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 from .checkpoint import BEST, LAST, peek_iteration
@@ -79,6 +80,8 @@ class RunDirectory:
                 raise RunDirError(f"output_dir={str(self.path)!r} is in use by another dinoseg process") from None
             raise
         self._lock_fd = fd
+        # The kernel drops the lock when the process ends; within a process, when this object goes away.
+        self._finalizer = weakref.finalize(self, os.close, fd)
 
     def start(self, config_text: str, *, overwrite: bool) -> Path:
         """The run really starts: create and lock the directory, remove the previous run's files when
@@ -99,7 +102,7 @@ class RunDirectory:
 
     def release(self) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
+            self._finalizer()
             self._lock_fd = None
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..io import DatasetError
 from .base import Sample, SegmentationDataset, check_root, map_values, normalize_split
 
 CITYSCAPES_CLASS_NAMES = [
@@ -31,6 +32,9 @@ LABEL_ID_TO_TRAIN_ID = {
     label_id: train_id
     for train_id, label_id in enumerate([7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33])
 }
+
+# labelIds files hold the ids 0 (unlabeled) .. 33 (bicycle); license plates (id -1) are not drawn into them.
+MAX_LABEL_ID = 33
 
 _SPLITS = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
 _IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -89,4 +93,10 @@ class Cityscapes(SegmentationDataset):
     def _to_train_ids(self, raw: np.ndarray, index: int) -> np.ndarray:
         if self._is_train_id[index]:
             return raw
+        bad = np.unique(raw[(raw < 0) | (raw > MAX_LABEL_ID)])
+        if bad.size:
+            path = self.samples[index].mask
+            shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if bad.size > 8 else "")
+            reason = f"out-of-range label values [{shown}]: Cityscapes labelIds are 0..{MAX_LABEL_ID}"
+            raise DatasetError(f"{path}: {reason}", path, reason)
         return map_values(raw, LABEL_ID_TO_TRAIN_ID, default=self.ignore_index)

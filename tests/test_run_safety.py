@@ -1,0 +1,308 @@
+"""Run safety: a failed or mistaken command leaves an existing run directory byte-identical, resuming refuses a
+different run, an output directory belongs to one run, and every bad input ends in one clean line (exit 2)."""
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinoseg.cli import main
+from dinoseg.data import make_dataset
+from dinoseg.data.check import check_dataset
+from dinoseg.data.io import DatasetError
+from dinoseg.engine import checkpoint as checkpoint_module
+from dinoseg.engine.checkpoint import BEST, LAST
+
+from ._data_layouts import make_cityscapes, make_folder
+from .engine_utils import REPO, cli_env, read_checkpoint, run_cli, tiny
+
+
+def snapshot(directory) -> dict:
+    """Every file under `directory` with its bytes (a failed command must leave all of them as they were)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def error_of(capsys, args, code=2) -> str:
+    got = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "dinoseg: error:" in line or "Traceback" in line]
+    assert got == code, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("dinoseg: error: "), err[-2000:]  # one line, on its own line
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 8-iteration run (checkpoints at 4 and 8, validation at 8) to attempt mistakes on."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", *tiny(out, total_iter=8, checkpoint_interval=4)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A private copy of the finished run (the lock is per directory, the bytes are compared per test)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    config = (out / "segmentation_config.yaml").read_text().replace(str(finished_run), str(out))
+    (out / "segmentation_config.yaml").write_text(config)
+    return out
+
+
+def train_args(out, *extra, total=8):
+    return ["train", *tiny(out, total_iter=total, checkpoint_interval=4), *extra]
+
+
+@pytest.mark.parametrize("mistake, message", [
+    # overwrite_output_dir: the previous run is only removed once everything else has been checked
+    (["datasets.train=ADE20K:split=TRAIN:root=/nonexistent/ade", "overwrite_output_dir=true"], "/nonexistent/ade"),
+    (["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", "model.pretrained_weights=/missing/w.pth",
+      "overwrite_output_dir=true"], "/missing/w.pth: checkpoint file not found"),
+    (["train.bach_size=2"], "train.bach_size"),
+    (["model.backbone_kwargs.depth=6", "train.resume=true"], "model.backbone_kwargs.depth: 4 in the checkpoint, 6 now"),
+    (["model.random_init_seed=3", "train.resume=true"], "model.random_init_seed: 0 in the checkpoint, 3 now"),
+    (["decoder_head.backbone_out_layers=FOUR_LAST", "train.resume=true"], "decoder_head.backbone_out_layers: 'LAST'"),
+    (["train.batch_size=2", "train.resume=true"], "train.batch_size: 4 in the checkpoint, 2 now"),
+    (["optimizer.lr=0.5", "train.resume=true"], "optimizer.lr: 0.01 in the checkpoint, 0.5 now"),
+    (["scheduler.total_iter=6", "eval.eval_interval=6", "train.resume=true"], "scheduler.total_iter=6: the run in"),
+    ([], "already holds a run (checkpoint_last.pth at iteration 8)"),
+    (["train.resume=true", "overwrite_output_dir=true"], "contradict"),
+])
+def test_a_mistaken_train_leaves_the_run_byte_identical(run_copy, capsys, mistake, message):
+    before = snapshot(run_copy)
+    line = error_of(capsys, train_args(run_copy, *mistake))
+    assert message in line
+    assert snapshot(run_copy) == before
+
+
+def test_a_bad_resume_checkpoint_leaves_the_run_byte_identical(run_copy, capsys):
+    (run_copy / LAST).write_bytes((run_copy / LAST).read_bytes()[:1000])  # truncated
+    before = snapshot(run_copy)
+    assert "not a readable PyTorch checkpoint" in error_of(capsys, train_args(run_copy, "train.resume=true"))
+    assert snapshot(run_copy) == before
+    ckpt = read_checkpoint(run_copy / BEST)
+    del ckpt["optimizer"]
+    torch.save(ckpt, run_copy / LAST)
+    before = snapshot(run_copy)
+    assert "not a dinoseg training checkpoint (no optimizer)" in error_of(capsys, train_args(run_copy, "train.resume=true"))
+    assert snapshot(run_copy) == before
+
+
+def test_resume_allows_bookkeeping_changes_and_records_them(run_copy, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="dinoseg")
+    assert main(train_args(run_copy, "train.resume=true", "train.log_interval=2", total=12)) == 0
+    assert read_checkpoint(run_copy / LAST)["iteration"] == 12
+    saved = (run_copy / "segmentation_config.yaml").read_text()
+    assert "total_iter: 12" in saved and "log_interval: 2" in saved  # the saved config is what the run used
+    assert "changed: scheduler.total_iter: 8 -> 12" in caplog.text
+
+
+def test_resume_without_a_checkpoint_names_the_path(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    line = error_of(capsys, train_args(out, "train.resume=true"))
+    assert f"{out / LAST} not found" in line
+    assert not out.exists()  # a failed start creates nothing
+
+
+def test_overwrite_replaces_the_run_files_only(run_copy):
+    (run_copy / "notes.txt").write_text("mine")
+    old_best = (run_copy / BEST).read_bytes()
+    assert main(train_args(run_copy, "overwrite_output_dir=true", "eval.eval_interval=4", total=4)) == 0
+    assert (run_copy / "notes.txt").read_text() == "mine"
+    assert read_checkpoint(run_copy / LAST)["iteration"] == 4
+    assert (run_copy / BEST).read_bytes() != old_best
+    log = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["iteration"] for r in log) == 4  # the old run's lines are gone
+
+
+def test_a_second_training_into_a_directory_in_use_is_refused_at_once(tmp_path):
+    out = tmp_path / "busy"
+    first = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *train_args(out, total=400)], env=cli_env(), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "segmentation_config.yaml").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first training ended too early"
+        started = time.time()
+        second = run_cli(train_args(out, "overwrite_output_dir=true"), timeout=120)
+        assert second.returncode == 2
+        assert f"output_dir={str(out)!r} is in use by another dinoseg process" in second.stderr
+        assert time.time() - started < 60  # refused before building anything expensive... or waiting
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # The kernel released the lock with the killed process: no stale lock to delete by hand.
+    assert main(train_args(out, "overwrite_output_dir=true", total=4)) == 0
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"just some text\n"])
+def test_unreadable_files_in_every_checkpoint_role(tmp_path, capsys, finished_run, content):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", f"model.pretrained_weights={bad}"]
+    assert str(bad) in error_of(capsys, ["train", *tiny(tmp_path / "w"), *weights])
+    assert str(bad) in error_of(capsys, ["eval", str(finished_run / "segmentation_config.yaml"), f"head={bad}",
+                                         f"output_dir={tmp_path / 'e'}"])
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / LAST).write_bytes(content)
+    assert str(out / LAST) in error_of(capsys, train_args(out, "train.resume=true"))
+
+
+def test_python_objects_in_a_checkpoint_are_refused_without_an_unsafe_hint(tmp_path, capsys):
+    evil = tmp_path / "evil.pth"
+    torch.save({"w": torch.nn.Linear(2, 2)}, evil)
+    weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", f"model.pretrained_weights={evil}"]
+    line = error_of(capsys, ["train", *tiny(tmp_path / "w"), *weights])
+    assert "holds Python objects beyond tensors" in line and "refused" in line and "weights_only" not in line
+
+
+def test_an_unreachable_url_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    url = "http://127.0.0.1:9/dinov3_vits16_pretrain_lvd1689m-08c60483.pth"  # nothing listens on port 9
+    weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", f"model.pretrained_weights={url}"]
+    assert f"{url}: download failed" in error_of(capsys, ["train", *tiny(tmp_path / "w"), *weights])
+
+
+@pytest.mark.parametrize("yaml_text, message", [("- a\n- b\n", "the top level must be a mapping of keys, found a list"),
+                                                ("just a string\n", "the top level must be a mapping")])
+def test_a_yaml_that_is_not_a_mapping(tmp_path, capsys, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    assert f"{path}: {message}" in error_of(capsys, ["train", str(path)])
+
+
+@pytest.mark.parametrize("override", [
+    "train.log_interval=0", "eval.crop_batch_size=0", "decoder_head.num_classes=-1", "decoder_head.num_classes=0",
+    "optimizer.lr=-1", "transforms.std=[0,0,0]", "eval.max_val_samples=0", "transforms.eval.tta_ratios=[]",
+    "transforms.eval.img_size=0", "device=gpu0", "train.num_workers=-1", "optimizer.beta1=1.5", "seed=-1",
+    "transforms.train.flip_prob=2", "train.celoss_weight=0", "scheduler.warmup_ratio=3",
+])
+def test_bad_values_are_refused_when_the_config_loads(tmp_path, capsys, override):
+    out = tmp_path / "never"
+    key = override.split("=")[0]
+    assert f"{key}=" in error_of(capsys, ["train", *tiny(out), override])
+    assert not out.exists()
+
+
+def test_a_full_disk_during_a_checkpoint_save_then_an_exact_resume(tmp_path, capsys, monkeypatch):
+    reference = tmp_path / "reference"
+    assert main(train_args(reference, total=12)) == 0
+    out = tmp_path / "full"
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: half written, then the disk is full
+            f.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_then_fill_the_disk)
+    line = error_of(capsys, train_args(out, total=12))
+    assert f"{out / LAST}: checkpoint of iteration 8 not written (No space left on device)" in line
+    assert "the previous checkpoint is intact" in line
+    assert read_checkpoint(out / LAST)["iteration"] == 4
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert main(train_args(out, "train.resume=true", total=12)) == 0
+    a, b = read_checkpoint(reference / LAST), read_checkpoint(out / LAST)
+    assert a["iteration"] == b["iteration"] == 12
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_checkpoints_are_fsynced_before_they_are_relied_on(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real(fd)))
+    out = tmp_path / "sync"
+    assert main(train_args(out, total=4)) == 0
+    assert any(p.startswith(str(out / ".checkpoint_last.pth.")) for p in synced)  # the file, before its rename
+    assert str(out) in synced  # and its directory, after it
+
+
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *train_args(out, total=400)], env=cli_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / LAST).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("dinoseg: error:")]
+    assert len(line) == 1 and "Traceback" not in err
+    assert "interrupted at iteration" in line[0] and str(out / LAST) in line[0] and "train.resume=true" in line[0]
+    reached = read_checkpoint(out / LAST)["iteration"]
+    assert f"(iteration {reached})" in line[0]
+    assert main(train_args(out, "train.resume=true", total=reached + 2)) == 0
+
+
+def test_a_bad_image_in_a_loader_worker_is_named_in_one_line(tmp_path, capsys):
+    root = tmp_path / "folder"
+    make_folder(root, stems=("a", "b", "c", "d"), size=(32, 32))
+    (root / "images" / "c.png").write_bytes(b"not a png")
+    data = [f"datasets.train=Folder:root={root}", f"datasets.val=Folder:root={root}", "train.num_workers=2",
+            "decoder_head.num_classes=3"]
+    line = error_of(capsys, ["train", *tiny(tmp_path / "r", total_iter=4), *data])
+    assert str(root / "images" / "c.png") in line and "Original Traceback" not in line and "worker" not in line
+
+
+def test_predict_keeps_one_result_per_input_and_never_reads_its_outputs(finished_run, tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / folder / "x.png")
+    config, head = str(finished_run / "segmentation_config.yaml"), f"head={finished_run / LAST}"
+    out = tmp_path / "out"
+    assert main(["predict", config, head, "-i", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                 "-o", str(out)]) == 0
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {
+        f"{d}/x_{s}.png" for d in "ab" for s in ("mask", "overlay", "label")}
+    # -o equal to -i, twice: the second run segments the same 2 images, not its own outputs.
+    same = tmp_path / "a"
+    assert main(["predict", config, head, "-i", str(same), "-o", str(same)]) == 0
+    assert main(["predict", config, head, "-i", str(same), "-o", str(same)]) == 0
+    assert "wrote 3 files for 1 images" in capsys.readouterr().out.splitlines()[-1]
+    assert sorted(p.name for p in same.glob("*.png")) == ["x.png", "x_label.png", "x_mask.png", "x_overlay.png"]
+
+
+def test_predict_skips_an_unreadable_image_and_names_it(finished_run, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(images / "good.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    Image.new("RGB", (20, 50), (200, 10, 10)).save(images / "zzz.png")
+    out = tmp_path / "out"
+    line = error_of(capsys, ["predict", str(finished_run / "segmentation_config.yaml"), f"head={finished_run / LAST}",
+                             "-i", str(images), "-o", str(out)])
+    assert "1 of 3 images could not be read" in line and str(images / "broken.jpg") in line
+    assert (out / "good_mask.png").exists() and (out / "zzz_mask.png").exists()
+
+
+def test_cityscapes_label_ids_outside_the_table(tmp_path):
+    make_cityscapes(tmp_path)
+    mask = next((tmp_path / "gtFine" / "val").rglob("*_labelIds.png"))
+    ids = np.array(Image.open(mask))
+    ids[0, :3] = [200, 7, 34]
+    Image.fromarray(ids).save(mask)
+    dataset = make_dataset(f"Cityscapes:split=val:root={tmp_path}")
+    bad = next(i for i in range(len(dataset)) if dataset.mask_path(i) == str(mask))
+    with pytest.raises(DatasetError, match=r"labelIds.png: out-of-range label values \[34, 200\]"):
+        dataset[bad]
+    report = check_dataset(make_dataset(f"Cityscapes:split=val:root={tmp_path}", strict=False))
+    assert [p.path for p in report.problems] == [str(mask)]
+    assert "out-of-range label values [34, 200]" in report.problems[0].fault
