@@ -111,6 +111,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, cap
     assert main(["train", *tiny(out, total_iter=20, checkpoint_interval=5)]) == 2
     err = capsys.readouterr().err
     assert "loss is nan at iteration 6" in err and str(out / LAST) in err
+    line = next(x for x in err.splitlines() if "dinoseg: error" in x)
+    assert line.startswith("dinoseg: error: loss is nan")  # on its own line, not after the progress bar
     ckpt = read_checkpoint(out / LAST)
     assert ckpt["iteration"] == 5 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
 
