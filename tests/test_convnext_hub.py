@@ -113,7 +113,5 @@ def test_hash_check(tmp_path):
 
 
 def test_unknown_convnext_name():
-    from dinoseg.models.backbones import make_convnext
-
-    with pytest.raises(ValueError, match="unknown ConvNeXt backbone 'dinov3_convnext_huge'"):
-        make_convnext("dinov3_convnext_huge")
+    with pytest.raises(ValueError, match="unknown backbone 'dinov3_convnext_huge'; expected one of .*dinov3_convnext_tiny"):
+        make_backbone("dinov3_convnext_huge")

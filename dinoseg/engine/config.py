@@ -50,6 +50,9 @@ class ModelConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     # Seed of the random backbone weights when pretrained_weights is None (so eval/predict rebuild the same one).
     random_init_seed: int = 0
+    # Storage dtype of the frozen backbone (and, in eval / predict, of the head): bfloat16 / float16 halve its memory;
+    # normalisations, RoPE periods and the float32 modules stay float32, and the forward runs under autocast.
+    weights_dtype: Precision = Precision.FLOAT32
 
 
 @dataclass

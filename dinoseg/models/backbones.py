@@ -5,11 +5,13 @@ are looked up in the torch hub cache, and a clear error says where to get them w
 """
 
 import contextlib
+import functools
 import os
 from enum import Enum
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoint import (
     CheckpointError,
@@ -20,6 +22,7 @@ from .checkpoint import (
     load_state_dict_strict,
 )
 from .convnext import ConvNeXt
+from .precision import cast_weights, float32_names, storage_dtype
 from .vision_transformer import DinoVisionTransformer
 
 DINOV3_BASE_URL = "https://dl.fbaipublicfiles.com/dinov3"
@@ -95,7 +98,7 @@ def official_weights_url(name: str, weights: Weights) -> str:
 
 def backbone_kwargs(name: str, **overrides) -> dict:
     if name not in ARCHS:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(ARCHS)}")
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
     kwargs = {**_COMMON, **ARCHS[name][1]}
     kwargs.update(overrides)
     return kwargs
@@ -116,9 +119,14 @@ def needs_untied_norm(name: str, location: str) -> bool:
     return any(f"-{h}." in os.path.basename(location) for h in _UNTIED_HASHES)
 
 
-def load_backbone_weights(model: DinoVisionTransformer, location: str, check_hash: bool = False):
-    """Load an official or Hugging Face checkpoint into `model`, strictly."""
-    state_dict = load_state_dict_file(location, check_hash=check_hash)
+def load_backbone_weights(model: nn.Module, location: str, check_hash: bool = False, dtype: torch.dtype | None = None):
+    """Load an official or Hugging Face checkpoint into `model`, strictly; `dtype` (bfloat16 / float16) stores
+    the weights in half precision, converted tensor by tensor as they are read (see `dinoseg.models.precision`)."""
+    dtype_of = None
+    if dtype is not None and dtype != torch.float32:
+        keep = float32_names(model)
+        dtype_of = functools.partial(storage_dtype, dtype=dtype, keep=keep)
+    state_dict = load_state_dict_file(location, check_hash=check_hash, dtype_of=dtype_of)
     if is_hf_dinov3_state_dict(state_dict):
         periods = model.rope_embed.periods
         if periods.device.type == "meta":
@@ -128,8 +136,9 @@ def load_backbone_weights(model: DinoVisionTransformer, location: str, check_has
             # HF checkpoints drop the pre-training-only local class norm; keep ours (unused at inference).
             state_dict["local_cls_norm.weight"] = torch.ones(model.embed_dim)
             state_dict["local_cls_norm.bias"] = torch.zeros(model.embed_dim)
-    on_meta = model.cls_token.device.type == "meta"
-    return load_state_dict_strict(model, state_dict, source=location, assign=on_meta)
+    on_meta = next(iter(model.parameters())).device.type == "meta"
+    load_state_dict_strict(model, state_dict, source=location, assign=on_meta)
+    return cast_weights(model, dtype) if dtype is not None else model
 
 
 def _fresh_periods(model: DinoVisionTransformer) -> torch.Tensor:
@@ -148,43 +157,28 @@ def make_backbone(
     weights: Weights | str = Weights.LVD1689M,
     check_hash: bool = False,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **kwargs,
 ) -> DinoVisionTransformer | ConvNeXt:
-    """Build a hub backbone (a ViT or a ConvNeXt). With weights it is built on the meta device and the checkpoint tensors are
-    assigned directly, so memory is spent once (this matters for the 6.7B-parameter ViT-7B)."""
+    """Build a hub backbone (a ViT or a ConvNeXt). With weights it is built on the meta device and the checkpoint
+    tensors are assigned (memory-mapped, or converted to `dtype` one by one as they are read), so memory is spent
+    once (this matters for the 6.7B-parameter ViT-7B). `dtype`: bfloat16 or float16 stores the weights in half
+    precision (normalisations and RoPE periods stay float32); `kwargs` override the architecture."""
+    if name not in ARCHS and name not in CONVNEXT_ARCHS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
     if name in CONVNEXT_ARCHS:
-        return make_convnext(name, pretrained=pretrained, weights=weights, check_hash=check_hash, device=device, **kwargs)
-    location = _weights_location(name, weights) if pretrained else None
-    if location is not None and "untie_global_and_local_cls_norm" not in kwargs:
-        kwargs["untie_global_and_local_cls_norm"] = needs_untied_norm(name, location)
-    arch = backbone_kwargs(name, **kwargs)
-    if location is None:
-        model = DinoVisionTransformer(**arch, device=device)
-        return model
-    model = DinoVisionTransformer(**arch, device="meta")
-    load_backbone_weights(model, location, check_hash=check_hash)
-    return model.to(device) if device is not None else model
-
-
-def make_convnext(
-    name: str,
-    *,
-    pretrained: bool = True,
-    weights: Weights | str = Weights.LVD1689M,
-    check_hash: bool = False,
-    device: torch.device | str | None = None,
-    **kwargs,
-) -> ConvNeXt:
-    """Build a hub ConvNeXt; `kwargs` override its `ConvNeXt` keywords. Weights are assigned to a meta-device model
-    and loaded strictly (official files hold the final norm as both `norm.*` and `norms.3.*`)."""
-    if name not in CONVNEXT_ARCHS:
-        raise ValueError(f"unknown ConvNeXt backbone {name!r}; expected one of {sorted(CONVNEXT_ARCHS)}")
-    arch = {**CONVNEXT_ARCHS[name][1], **kwargs}
+        arch, model_cls = {**CONVNEXT_ARCHS[name][1], **kwargs}, ConvNeXt
+    else:
+        location = _weights_location(name, weights) if pretrained else None
+        if location is not None and "untie_global_and_local_cls_norm" not in kwargs:
+            kwargs["untie_global_and_local_cls_norm"] = needs_untied_norm(name, location)
+        arch, model_cls = backbone_kwargs(name, **kwargs), DinoVisionTransformer
     if not pretrained:
-        return ConvNeXt(**arch, device=device)
+        model = model_cls(**arch, device=device)
+        return cast_weights(model, dtype) if dtype is not None else model
     location = _weights_location(name, weights)
-    model = ConvNeXt(**arch, device="meta")
-    load_state_dict_strict(model, load_state_dict_file(location, check_hash=check_hash), source=location, assign=True)
+    model = model_cls(**arch, device="meta")
+    load_backbone_weights(model, location, check_hash=check_hash, dtype=dtype)
     return model.to(device) if device is not None else model
 
 
@@ -218,17 +212,18 @@ def build_backbone(
     pretrained_weights: str | None = None,
     backbone_kwargs: dict | None = None,
     random_init_seed: int = 0,
-) -> DinoVisionTransformer:
-    """A hub architecture (`dino_hub`, with `backbone_kwargs` overriding its keywords) or a custom one
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A hub architecture (`dino_hub`, with `backbone_kwargs` overriding its keywords) or a custom ViT
     (`dino_hub=None`: `backbone_kwargs` are the constructor's), with `pretrained_weights` or, without them,
-    random weights drawn from `random_init_seed` (demos and tests)."""
+    random weights drawn from `random_init_seed` (demos and tests); `dtype` as for `make_backbone`."""
     kwargs = dict(backbone_kwargs or {})
     with _seeded(random_init_seed):
-        if dino_hub is None:
-            if not pretrained_weights:
-                return DinoVisionTransformer(**kwargs)
-            backbone = DinoVisionTransformer(**kwargs, device="meta")  # weights are assigned, not copied
-            load_backbone_weights(backbone, pretrained_weights)
-            return backbone
-        return make_backbone(dino_hub, pretrained=bool(pretrained_weights),
-                             weights=pretrained_weights or Weights.LVD1689M, **kwargs)
+        if dino_hub is not None:
+            return make_backbone(dino_hub, pretrained=bool(pretrained_weights),
+                                 weights=pretrained_weights or Weights.LVD1689M, dtype=dtype, **kwargs)
+        if not pretrained_weights:
+            backbone = DinoVisionTransformer(**kwargs)
+            return cast_weights(backbone, dtype) if dtype is not None else backbone
+        backbone = DinoVisionTransformer(**kwargs, device="meta")  # weights are assigned, not copied
+        return load_backbone_weights(backbone, pretrained_weights, dtype=dtype)

@@ -1,10 +1,15 @@
 """The one place that reads checkpoint files, loads them strictly and converts foreign key layouts (Hugging Face)."""
 
+import ctypes
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import re
+import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -71,12 +76,13 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_torch_file(path: Path):
-    """`torch.load(path, weights_only=True)` on the CPU, every failure one `CheckpointError` naming the file."""
+def read_torch_file(path: Path, mmap: bool = False):
+    """`torch.load(path, weights_only=True)` on the CPU, every failure one `CheckpointError` naming the file.
+    `mmap`: map the tensors' bytes instead of reading them (zip-format files only)."""
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e) or "Unsupported operand" in str(e):  # garbage, not objects
             raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {first_line(e)})") from None
@@ -87,8 +93,15 @@ def read_torch_file(path: Path):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {first_line(e)})") from None
 
 
-def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> dict[str, torch.Tensor]:
-    """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file, or a Hugging Face model directory."""
+def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False, *,
+                         dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file, or a Hugging Face model directory.
+
+    Files are read streamed: `.pth` files are memory-mapped (a tensor kept in its stored dtype is used in place,
+    without a copy) and `.safetensors` files are read one tensor at a time. `dtype_of(name, tensor)`, when given,
+    is the dtype to convert each tensor to as it is read, so that loading a float32 file for a half-precision
+    model never holds a float32 copy of the whole model: host memory peaks near the converted model's size.
+    """
     path = resolve_weights_path(path, check_hash=check_hash)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
@@ -96,23 +109,74 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False) -> d
             raise CheckpointError(f"{path}: directory holds no *.safetensors or pytorch_model*.bin file")
         state_dict = {}
         for f in files:
-            state_dict.update(load_state_dict_file(f))
+            state_dict.update(load_state_dict_file(f, dtype_of=dtype_of))
         return state_dict
+    mapped = False
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        tensors = _safetensors_tensors(path)
+    else:
+        mapped = zipfile.is_zipfile(path)
+        obj = read_torch_file(path, mmap=mapped)
+        for wrapper in ("state_dict", "model"):  # trainers (ours, the official segmentation code) wrap the weights
+            if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
+        tensors = obj.items()
+    state_dict = {}
+    for name, tensor in tensors:
+        target = dtype_of(name, tensor) if dtype_of is not None else tensor.dtype
+        if target != tensor.dtype:
+            converted = tensor.to(target)
+            if mapped:
+                _release_pages(tensor)  # the stored bytes are not needed any more
+            tensor = converted
+        state_dict[name] = tensor
+    return state_dict
 
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    obj = read_torch_file(path)
-    for wrapper in ("state_dict", "model"):  # trainers (ours, the official segmentation code) wrap the weights
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
-    return obj
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _safetensors_tensors(path: Path):
+    """(name, tensor) pairs of a safetensors file, each read on its own (no mapping of the whole file)."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+            start = 8 + header_size
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+            for name, info in entries:
+                begin, end = info["data_offsets"]
+                f.seek(start + begin)
+                data = bytearray(f.read(end - begin))
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                tensor = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+                yield name, tensor.reshape(info["shape"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Hand the pages of a memory-mapped checkpoint tensor back (they are read again if ever touched): without
+    this, every page read while converting stays resident until the whole file is unmapped."""
+    if _LIBC is None:
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+_MADV_DONTNEED = 4
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover - no libc to call
+    _LIBC = None
 
 
 def describe_mismatch(module: nn.Module | dict, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import in_weights_precision
+
 N_STAGES = 4
 
 
@@ -134,6 +136,7 @@ class ConvNeXt(nn.Module):
             maps.append(x)
         return maps
 
+    @in_weights_precision
     def forward_features(self, x: torch.Tensor | list[torch.Tensor], masks=None):
         """The DINO output dict; the class token is the global average pool of the last stage, normalised with
         the patch tokens. `masks` is returned as given (a ConvNeXt has no mask token). A list of images gives a
@@ -158,6 +161,7 @@ class ConvNeXt(nn.Module):
         out = self.forward_features(x, masks)
         return out if is_training else self.head(out["x_norm_clstoken"])
 
+    @in_weights_precision
     def get_intermediate_layers(
         self,
         x: torch.Tensor,

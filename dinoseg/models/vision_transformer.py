@@ -7,6 +7,7 @@ from torch import nn
 
 from ..layers import LayerScale, PatchEmbed, RopePositionEmbedding, SelfAttentionBlock
 from ..layers.rope_position_encoding import DTYPES
+from .precision import in_weights_precision
 
 NORM_LAYERS = {
     "layernorm": partial(nn.LayerNorm, eps=1e-6),
@@ -157,6 +158,7 @@ class DinoVisionTransformer(nn.Module):
         x = self.norm(x)
         return x[:, :n], x[:, n:]
 
+    @in_weights_precision
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict:
         x, hw = self.prepare_tokens_with_masks(x, masks)
         x, _ = self._run_blocks(x, hw)
@@ -173,6 +175,7 @@ class DinoVisionTransformer(nn.Module):
         out = self.forward_features(x, masks)
         return out if is_training else self.head(out["x_norm_clstoken"])
 
+    @in_weights_precision
     def get_intermediate_layers(
         self,
         x: torch.Tensor,

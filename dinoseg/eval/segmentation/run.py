@@ -52,7 +52,7 @@ def load_segmentor(cfg: DictConfig, device: torch.device):
         head_path = head_location(cfg.model.dino_hub, SegmentorWeights.ADE20K, released=True)
     weights = read_head_weights(head_path)
     num_classes = resolve_num_classes(cfg.decoder_head, head_state_dict=weights)
-    model = build_model_with_head(cfg, num_classes, weights, source=str(head_path))
+    model = build_model_with_head(cfg, num_classes, str(head_path))
     return model.to(device).eval(), num_classes
 
 

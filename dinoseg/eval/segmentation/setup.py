@@ -17,7 +17,8 @@ from .transforms import make_segmentation_eval_transforms, make_segmentation_tra
 def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     m = cfg.model
     kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
-    return freeze_backbone(_build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed))
+    dtype = Precision(m.weights_dtype).dtype
+    return freeze_backbone(_build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype))
 
 
 def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
@@ -32,9 +33,11 @@ def build_model(cfg: DictConfig, num_classes: int, backbone=None) -> FeatureDeco
     return build_segmentation_decoder(backbone, **_decoder_args(cfg, num_classes))
 
 
-def build_model_with_head(cfg: DictConfig, num_classes: int, head_state_dict: dict, source: str) -> FeatureDecoder:
-    """The configured segmentor with its head loaded strictly from `head_state_dict` (named `source` in errors)."""
-    return build_segmentor_with_head(build_backbone(cfg), head_state_dict, source=source, **_decoder_args(cfg, num_classes))
+def build_model_with_head(cfg: DictConfig, num_classes: int, head: str) -> FeatureDecoder:
+    """The configured segmentor for inference, its head loaded strictly from the checkpoint `head`; with
+    `model.weights_dtype` half, the head is stored in half precision too."""
+    dtype = Precision(cfg.model.weights_dtype).dtype
+    return build_segmentor_with_head(build_backbone(cfg), head, source=head, dtype=dtype, **_decoder_args(cfg, num_classes))
 
 
 def build_train_dataset(cfg: DictConfig):

@@ -1,13 +1,15 @@
 """Full segmentors: a frozen backbone side plus a decoder head, with the official state-dict layout."""
 
 import contextlib
+import functools
 from enum import Enum
 
 import torch
 from torch import nn
 
-from dinoseg.eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, autocast_context, get_backbone_out_indices
-from dinoseg.models.checkpoint import CheckpointError, load_head_state_dict
+from dinoseg.eval.utils import BackboneLayersSet, ModelWithIntermediateLayers, get_backbone_out_indices
+from dinoseg.models.checkpoint import CheckpointError, load_head_state_dict, load_state_dict_file
+from dinoseg.models.precision import HALF_DTYPES, cast_weights, float32_names, storage_dtype, weights_autocast
 
 from .heads.linear_head import LinearHead
 from .m2f import AdapterOptions, Mask2FormerOptions, build_m2f_modules
@@ -48,7 +50,9 @@ class FeatureDecoder(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def autocast_ctx(self, x: torch.Tensor):
-        return autocast_context(x.device.type, self.autocast_dtype)
+        # Half weights (stored with `cast_weights`, or the whole segmentor cast with `.to`) imply autocast in
+        # their dtype, so float32 inputs and the float32 parts (norms, pixel decoder) work with them.
+        return weights_autocast(self, x.device.type, self.autocast_dtype)
 
     def forward(self, x: torch.Tensor):
         """Training outputs of the head (linear: logits on the patch grid; m2f: the head's training dict)."""
@@ -134,14 +138,22 @@ def build_segmentation_decoder(
     return FeatureDecoder(nn.ModuleList([backbone_side, head]), autocast_dtype=autocast_dtype)
 
 
-def build_segmentor_with_head(backbone_model: nn.Module, head_state_dict: dict, source: str, **decoder_args) -> FeatureDecoder:
-    """`build_segmentation_decoder(backbone_model, **decoder_args)` with its head taken from `head_state_dict`
-    (strict): the head is built on the meta device and the checkpoint tensors are assigned, so its memory is
-    spent once. `source` names the checkpoint in errors."""
+def build_segmentor_with_head(backbone_model: nn.Module, head: dict | str, source: str, *,
+                              dtype: torch.dtype | None = None, **decoder_args) -> FeatureDecoder:
+    """`build_segmentation_decoder(backbone_model, **decoder_args)` with its head taken (strictly) from `head`, a
+    state dict or a checkpoint path: the head is built on the meta device and the checkpoint tensors are
+    assigned, so its memory is spent once. `dtype` (bfloat16 / float16) stores the head in half precision
+    (the float32 parts stay float32), converting a checkpoint tensor by tensor as it is read. `source` names the
+    checkpoint in errors."""
     with torch.device("meta"):
         segmentor = build_segmentation_decoder(backbone_model, **decoder_args)
-    load_head_state_dict(segmentor, head_state_dict, source=source, assign=True)
+    if not isinstance(head, dict):
+        dtype_of = None
+        if dtype in HALF_DTYPES:
+            dtype_of = functools.partial(storage_dtype, dtype=dtype, keep=float32_names(segmentor))
+        head = load_state_dict_file(head, dtype_of=dtype_of)
+    load_head_state_dict(segmentor, head, source=source, assign=True)
     left = [n for n, t in (*segmentor.named_parameters(), *segmentor.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{source}: tensors left uninitialised after loading: {', '.join(left[:5])}")
-    return segmentor
+    return cast_weights(segmentor, dtype) if dtype is not None else segmentor

@@ -1,0 +1,93 @@
+"""Half-precision weights: which tensors may be stored in bfloat16 / float16 and which stay float32.
+
+Storing a frozen backbone (and, for inference, a head) in half precision halves its memory. The parts that the
+official code computes in float32 keep float32 weights: normalisations (their statistics and affine parameters),
+the RoPE periods, and modules that declare `keep_float32 = True` (the Mask2Former pixel decoder and the deformable
+attention, which the official code runs outside autocast). A model holding half weights runs its forward under
+autocast in that dtype (see `FeatureDecoder`), so matrix products run in half precision while normalisations,
+softmaxes and the float32 modules run in float32, as under the official mixed precision.
+"""
+
+import contextlib
+import functools
+
+import torch
+from torch import nn
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+KEEP_FLOAT32_BUFFERS = ("periods",)  # RoPE: the angles of far-away positions need float32 periods
+
+
+def float32_names(model: nn.Module) -> set[str]:
+    """State-dict names of the tensors that stay float32 when `model` is stored in half precision."""
+    keep = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if getattr(module, "keep_float32", False) or isinstance(module, NORMS):
+            keep |= {prefix + n for n, _ in module.named_parameters()} | {prefix + n for n, _ in module.named_buffers()}
+        else:
+            keep |= {prefix + n for n, _ in module.named_buffers(recurse=False) if n in KEEP_FLOAT32_BUFFERS}
+    return keep
+
+
+def storage_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype, keep: set[str]) -> torch.dtype:
+    """The dtype `tensor` (state-dict entry `name`) is stored in when the model is stored in `dtype`."""
+    if not tensor.is_floating_point() or name in keep:
+        return tensor.dtype
+    return dtype
+
+
+def cast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store `model`'s floating tensors in `dtype` (float32, bfloat16 or float16), keeping `float32_names` in
+    float32; in place, returns `model`."""
+    if dtype not in (torch.float32, *HALF_DTYPES):
+        raise ValueError(f"weights dtype must be float32, bfloat16 or float16, got {dtype}")
+    keep = float32_names(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            prefix = f"{name}." if name else ""
+            for kind in (module._parameters, module._buffers):
+                for key, tensor in kind.items():
+                    if tensor is None:
+                        continue
+                    target = storage_dtype(prefix + key, tensor, dtype, keep)
+                    if tensor.dtype != target:
+                        if isinstance(tensor, nn.Parameter):
+                            tensor.data = tensor.data.to(target)
+                        else:
+                            kind[key] = tensor.to(target)
+    return model
+
+
+def half_weights_dtype(model: nn.Module) -> torch.dtype | None:
+    """The half dtype `model` stores (some of) its weights in, None when they are all float32 or wider."""
+    for p in model.parameters():
+        if p.dtype in HALF_DTYPES:
+            return p.dtype
+    return None
+
+
+def weights_autocast(model: nn.Module, device_type: str, dtype: torch.dtype | None = None):
+    """Autocast for a forward pass of `model`: `dtype` when it is a half dtype, else the half dtype of `model`'s
+    weights, else none (float32 compute)."""
+    if dtype not in HALF_DTYPES:
+        dtype = half_weights_dtype(model)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def in_weights_precision(method):
+    """For a backbone's entry points: with half weights and no autocast active, run under autocast in that
+    dtype (float32 inputs work, normalisations stay float32)."""
+
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        device_type = x.device.type if isinstance(x, torch.Tensor) else x[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            return method(self, x, *args, **kwargs)
+        with weights_autocast(self, device_type):
+            return method(self, x, *args, **kwargs)
+
+    return wrapper
