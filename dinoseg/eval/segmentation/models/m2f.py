@@ -78,9 +78,10 @@ def build_m2f_modules(
         )
         in_channels = backbone_side.embed_dim
     head = Mask2FormerHead(
-        in_channels=in_channels,
+        in_channels,
         hidden_dim=hidden_dim,
         num_classes=num_classes,
+        ignore_value=255,
         num_queries=o.num_queries,
         nheads=o.nheads,
         dim_feedforward=o.dim_feedforward,

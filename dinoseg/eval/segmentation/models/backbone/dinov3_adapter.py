@@ -233,6 +233,7 @@ class DINOv3_Adapter(nn.Module):
         backbone: a DINOv3 ViT (``get_intermediate_layers``, ``embed_dim``, ``patch_size``); frozen here.
         interaction_indexes: backbone blocks read by the interaction blocks (the last one gets the extra
             extractors).
+        pretrain_size, init_values: official arguments without an effect (kept as attributes).
         conv_inplane: SPM width.
         n_points, deform_num_heads, deform_ratio: deformable attention of the extractors.
         drop_path_rate: stochastic depth on the extractors' ConvFFN branch (training only).
@@ -250,20 +251,25 @@ class DINOv3_Adapter(nn.Module):
         self,
         backbone: nn.Module,
         interaction_indexes: Sequence[int] = (9, 19, 29, 39),
+        pretrain_size: int = 512,
         conv_inplane: int = 64,
         n_points: int = 4,
         deform_num_heads: int = 16,
         drop_path_rate: float = 0.3,
+        init_values: float = 0.0,
         with_cffn: bool = True,
         cffn_ratio: float = 0.25,
         deform_ratio: float = 0.5,
         add_vit_feature: bool = True,
         use_extra_extractor: bool = True,
         with_cp: bool = True,
+        *,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
         self.backbone = freeze_backbone(backbone)
+        # Official arguments that change nothing there either (no position embedding, no layer scale).
+        self.pretrain_size, self.init_values = (pretrain_size, pretrain_size), init_values
         n_blocks = getattr(backbone, "n_blocks", None)
         bad = [i for i in interaction_indexes if n_blocks is not None and not 0 <= i < n_blocks]
         if bad or len(interaction_indexes) == 0:
