@@ -21,6 +21,7 @@ from .decoders import resolve_num_classes
 from .eval import evaluate_segmentation_model, format_metrics_table, write_results
 from .inference import AccumulatorBuffer
 from .models.released import SegmentorWeights, head_location
+from .official_config import SEGMENTATION
 from .setup import build_eval_transforms, build_model_with_head, build_val_dataset, inference_settings
 from .train import train_segmentation
 
@@ -29,6 +30,7 @@ logger = logging.getLogger("dinoseg")
 NAME = "segmentation"
 SCHEMA = SegmentationConfig
 DEMO_CONFIG = "demo.yaml"
+OFFICIAL = SEGMENTATION  # the official config schema's segmentation keys
 
 # Released segmentors usable by name (`head=dinov3_vit7b16_ms`): the config they imply.
 HUB_SEGMENTORS = {
@@ -64,8 +66,8 @@ def run_eval(cfg: DictConfig) -> dict:
         save_dir.mkdir(parents=True, exist_ok=True)
     loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
                                max_samples=cfg.eval.max_val_samples)
-    results = evaluate_segmentation_model(model, loader, inference_settings(cfg), num_classes, device,
-                                          getattr(dataset, "class_names", None), save_dir=save_dir)
+    results = evaluate_segmentation_model(model, loader, device, num_classes=num_classes, settings=inference_settings(cfg),
+                                          class_names=getattr(dataset, "class_names", None), save_dir=save_dir)
     if distributed.is_main_process():
         write_results(results, out)
         print(format_metrics_table(results))
@@ -188,4 +190,4 @@ def main(command: str, cfg: DictConfig, args) -> int:
     return 0
 
 
-__all__ = ["DEMO_CONFIG", "NAME", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
+__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
