@@ -1,8 +1,11 @@
-"""torch.hub entry points (official names): backbones and segmentors. `hubconf.py` re-exports these lists."""
+"""torch.hub entry points (official names): backbones and segmentors, and their patch-14 spellings
+(`dinov3_vitl14` -> `dinov3_vitl16`, with a warning). `hubconf.py` re-exports these lists."""
 
 from .backbones import *  # noqa: F403
 from .backbones import __all__ as _backbones
+from .patch14 import *  # noqa: F403
+from .patch14 import __all__ as _patch14
 from .segmentors import *  # noqa: F403
 from .segmentors import __all__ as _segmentors
 
-__all__ = sorted(set(_backbones) | set(_segmentors))
+__all__ = sorted(set(_backbones) | set(_segmentors) | set(_patch14))
