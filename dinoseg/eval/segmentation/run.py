@@ -34,7 +34,7 @@ OFFICIAL = SEGMENTATION  # the official config schema's segmentation keys
 
 # Released segmentors usable by name (`head=dinov3_vit7b16_ms`): the config they imply.
 HUB_SEGMENTORS = {
-    "dinov3_vit7b16_ms": {"model.dino_hub": "dinov3_vit7b16", "decoder_head.type": "m2f", "decoder_head.hidden_dim": 2048,
+    "dinov3_vit7b16_ms": {"model.dino_hub": "dinov3_vit7b16", "decoder_head.type": "M2F", "decoder_head.hidden_dim": 2048,
                           "decoder_head.num_classes": 150, "decoder_head.backbone_out_layers": "FOUR_EVEN_INTERVALS"},
 }
 

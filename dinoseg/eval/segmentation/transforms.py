@@ -71,10 +71,14 @@ def to_image_and_mask(image, label) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     return tv_tensors.Image(image), tv_tensors.Mask(label.long())
 
 
-def _label_interpolation(mode: InterpolationMode) -> InterpolationMode:
-    # The official code resizes PIL images, whose NEAREST samples pixel centres; on tensors that is NEAREST_EXACT
-    # (plain tensor NEAREST shifts the label by up to half a pixel against the image).
-    return InterpolationMode.NEAREST_EXACT if mode == InterpolationMode.NEAREST else mode
+def _resize_label(label: torch.Tensor, size: list[int], mode: InterpolationMode) -> tv_tensors.Mask:
+    """Nearest neighbour sampled at pixel centres, like the bilinear image resize (and like PIL's NEAREST, which the
+    official code resizes with): labels are moved, never blended. Done here because torchvision's mask kernel
+    samples corners (a half-pixel shift) before version 0.2x whatever the mode asked."""
+    if mode not in (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT):
+        raise ValueError(f"label_interpolation must be NEAREST or NEAREST_EXACT (labels are not blended), got {mode}")
+    out = torch.nn.functional.interpolate(label[None, None].float(), size=list(size), mode="nearest-exact")
+    return tv_tensors.Mask(out[0, 0].to(label.dtype))
 
 
 def _resize_pair(image, label, size: list[int], resize_label: bool = True,
@@ -82,7 +86,7 @@ def _resize_pair(image, label, size: list[int], resize_label: bool = True,
                  label_interpolation: InterpolationMode = InterpolationMode.NEAREST):
     image = F.resize(image, size, interpolation=image_interpolation, antialias=True)
     if resize_label:
-        label = F.resize(label, size, interpolation=_label_interpolation(label_interpolation))
+        label = _resize_label(label.as_subclass(torch.Tensor), size, label_interpolation)
     return image, label
 
 
