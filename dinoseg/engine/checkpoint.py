@@ -36,7 +36,7 @@ def set_rng_state(state: dict) -> None:
 
 def _to_plain(obj):
     """numpy / tuple RNG states -> tensors and lists, so `torch.load(weights_only=True)` can read them back."""
-    if isinstance(obj, np.ndarray):  # numpy's uint32 key as int64: torch < 2.5 cannot save uint32 tensors
+    if isinstance(obj, np.ndarray):  # numpy's uint32 key as int64: torch 2.5 cannot save uint32 tensors
         return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
     if isinstance(obj, tuple):
         return [_to_plain(o) for o in obj]
