@@ -130,7 +130,7 @@ def main():
             m.impl = impl
 
         def infer():
-            slide_inference(x, segmentor, crop, stride, crop_batch_size=args.crop_batch_size)
+            slide_inference(x, segmentor, crop_size=crop, stride=stride, crop_batch_size=args.crop_batch_size)
 
         with torch.no_grad():
             infer()  # warm-up

@@ -2,7 +2,7 @@
 
 A ViT-S/16-sized backbone (embed 384, depth 12, 6 heads, MLP, 4 storage tokens; random weights) with a
 150-class linear head, crop 512, stride 341. For each input size it times
-  - slide:     `slide_inference(x, segmentor, crop, stride, crop_batch_size, n_output_channels)` (crop, batch,
+  - slide:     `slide_inference(x, segmentor, crop_size=, stride=, crop_batch_size=, n_output_channels=)` (crop, batch,
                predict, accumulate) returning a freshly allocated [1, 150, H, W] float32 result,
   - slide+buf: the same, taking the accumulator from an `AccumulatorBuffer` kept across calls (what dinoseg's
                eval and predict loops do),
@@ -99,7 +99,7 @@ def make_runs(segmentor, x, batches, crop_hw, crop, stride, result_shape, option
     def run_slide(name, **extra):
         timed.seconds = 0.0
         start = time.perf_counter()
-        slide_inference(x, timed, crop, stride, **options, **extra)
+        slide_inference(x, timed, crop_size=crop, stride=stride, **options, **extra)
         in_run.setdefault(name, []).append((time.perf_counter() - start) / timed.seconds)
 
     def slide():

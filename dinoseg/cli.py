@@ -2,7 +2,8 @@
 
 Every subcommand takes YAML config files and `key=value` overrides (OmegaConf dotlist), e.g.
     dinoseg train ade20k_linear.yaml model.pretrained_weights=/w/vitl16.pth datasets.root=/data/ade
-YAML files are paths or the names of the configs shipped with dinoseg.
+YAML files are paths or the names of the configs shipped with dinoseg. Configs of the official DINOv3 code
+(config-ade20k-linear-training.yaml, ...) are recognised and translated, key by key.
 """
 
 import argparse
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from .data.io import DatasetError
 from .engine import distributed
 from .engine.config import ConfigError, layer_value, read_layers
+from .engine.official_config import translate_layers
 from .engine.optim import TrainingError
 from .eval import TASKS, task_runner
 from .models.checkpoint import CheckpointError
@@ -50,6 +52,7 @@ def load(items: list[str], command: str):
     if task not in TASKS:
         raise ConfigError(f"task={task!r}: expected one of {sorted(TASKS)}")
     runner = task_runner(task)
+    layers = translate_layers(layers, getattr(runner, "OFFICIAL", None))  # a config in the official schema
     require = ("datasets.",) if command == "check-data" else ("",)  # weights are not needed to check data
     return runner, runner.config_from_layers(layers, require)
 

@@ -59,7 +59,7 @@ def test_linear_slide_and_flip_match_official():
     crop, stride = _entry()["crop_size"], _entry()["stride"]
     x = ref["slide_x"]
     for crop_batch_size in (1, 4):
-        logits = slide_inference(x, segmentor, (crop, crop), (stride, stride), crop_batch_size=crop_batch_size)
+        logits = slide_inference(x, segmentor, crop_size=(crop, crop), stride=(stride, stride), crop_batch_size=crop_batch_size)
         torch.testing.assert_close(logits, ref["slide_logits"], **TOL)
     h, w = x.shape[-2:]
     probs = make_inference(x, segmentor, "slide", rescale_to=(2 * h, 2 * w), crop_size=crop, stride=stride,

@@ -90,7 +90,7 @@ def test_ade20k_linear_recipe_on_convnext_tiny():
     for section in ("datasets", "decoder_head", "scheduler", "transforms", "train", "eval"):
         assert OmegaConf.to_container(cfg[section]) == OmegaConf.to_container(vit[section]), section
     assert cfg.model.dino_hub == "dinov3_convnext_tiny" and cfg.decoder_head.backbone_out_layers.value == "LAST"
-    assert cfg.optimizer.gradient_clip == 0  # none: the official recipe's 'inf'
+    assert cfg.optimizer.gradient_clip == vit.optimizer.gradient_clip == float("inf")  # none: the official recipe's 'inf'
     # Random weights (no file) on the hub architecture: the released ConvNeXt-T.
     cfg.model.pretrained_weights = None
     assert sum(p.numel() for p in build_backbone(cfg).parameters()) == 27_820_128

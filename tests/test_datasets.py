@@ -25,8 +25,8 @@ from dinoseg.data import (
 )
 from dinoseg.data.io import load_image
 from dinoseg.eval.segmentation.transforms import (
-    make_segmentation_eval_transforms,
     make_segmentation_train_transforms,
+    make_single_view_eval_transforms,
 )
 
 from ._data_layouts import CITY_EXPECTED, make_ade20k, make_cityscapes, make_folder, make_voc, write_split
@@ -285,7 +285,7 @@ def test_synthetic_labels_are_learnable_by_a_linear_probe_on_random_vit_features
                                 layerscale_init=1e-5, mask_k_bias=True, pos_embed_rope_dtype="fp32")
     vit.init_weights()
     vit.eval()
-    tf = make_segmentation_eval_transforms(None)
+    tf = make_single_view_eval_transforms(None)
 
     def features(split, n):
         ds = SyntheticShapes(split, n, 64, seed=0, transforms=tf)

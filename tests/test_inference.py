@@ -49,16 +49,16 @@ def test_slide_matches_official(official_index, name):
     x = ref["slide_x"]
     for crop_batch_size in (1, 4):
         logits = slide_inference(
-            x, segmentor, (crop, crop), (stride, stride), crop_batch_size=crop_batch_size
+            x, segmentor, crop_size=(crop, crop), stride=(stride, stride), crop_batch_size=crop_batch_size
         )
         torch.testing.assert_close(logits, ref["slide_logits"], atol=1e-5, rtol=1e-5)
     # Two images per call, crops of both images mixed in one model batch.
     two = slide_inference(
-        torch.cat([x, x.flip(-1)]), segmentor, crop, stride, crop_batch_size=5, n_output_channels=7
+        torch.cat([x, x.flip(-1)]), segmentor, crop_size=crop, stride=stride, crop_batch_size=5, n_output_channels=7
     )
     torch.testing.assert_close(two[:1], ref["slide_logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        two[1:], slide_inference(x.flip(-1), segmentor, crop, stride), atol=1e-5, rtol=1e-5
+        two[1:], slide_inference(x.flip(-1), segmentor, crop_size=crop, stride=stride), atol=1e-5, rtol=1e-5
     )
     h, w = x.shape[-2:]
     probs = make_inference(
@@ -87,9 +87,12 @@ def test_any_crop_grid_covers_every_pixel(height, width, crop_h, crop_w, data):
     stride = (data.draw(st.integers(1, crop_h)), data.draw(st.integers(1, crop_w)))
     boxes = slide_crop_boxes(height, width, (crop_h, crop_w), stride)
     count = torch.zeros(height, width, dtype=torch.int32)
+    # The official rule: square crops of the short side for an image smaller than the crop in both dimensions.
+    small = crop_h > height and crop_w > width
+    expected = (min(height, width),) * 2 if small else (min(crop_h, height), min(crop_w, width))
     for y1, y2, x1, x2 in boxes:
         assert 0 <= y1 < y2 <= height and 0 <= x1 < x2 <= width
-        assert (y2 - y1, x2 - x1) == (min(crop_h, height), min(crop_w, width))
+        assert (y2 - y1, x2 - x1) == expected
         count[y1:y2, x1:x2] += 1
     assert (count > 0).all()
     assert boxes[-1][1] == height and boxes[-1][3] == width  # the last crop is aligned to the border
@@ -106,21 +109,23 @@ def test_any_crop_grid_covers_every_pixel(height, width, crop_h, crop_w, data):
 @given(
     height=st.integers(8, 40),
     width=st.integers(8, 40),
-    extra_h=st.integers(0, 8),
-    extra_w=st.integers(0, 8),
+    extra=st.integers(0, 8),
+    extra_on_height=st.booleans(),
     batch=st.integers(1, 2),
     m2f=st.booleans(),
 )
 def test_slide_with_a_crop_as_big_as_the_image_is_whole_inference(
-    height, width, extra_h, extra_w, batch, m2f
+    height, width, extra, extra_on_height, batch, m2f
 ):
+    """A crop equal to the image in one dimension and at least as large in the other is one window (the official
+    square rule applies only when the crop is larger in both)."""
     torch.manual_seed(0)
     model = ConvSegmentor(kernel_size=5, stride=2, m2f_queries=4 if m2f else 0)
     x = torch.randn(batch, 3, height, width)
-    crop = (height + extra_h, width + extra_w)
+    crop = (height + extra, width) if extra_on_height else (height, width + extra)
     with torch.no_grad():
-        slide = slide_inference(x, model, crop, crop)
-        whole = make_inference(x, model, "whole", rescale_to=(height, width))
+        slide = slide_inference(x, model, crop_size=crop, stride=crop)
+        whole = make_inference(x, model, "whole", rescale_to=(height, width), crop_size=(height, width))
     assert len(model.calls) == 2
     torch.testing.assert_close(slide, whole)
 
@@ -141,7 +146,7 @@ def test_slide_averages_overlapping_crops_exactly(height, width, crop, data):
     x = torch.randn(2, 3, height, width)
     out = torch.full((2, 3, height, width), float("nan"))
     with torch.no_grad():
-        slide = slide_inference(x, model, crop, stride, crop_batch_size=crop_batch_size, out=out)
+        slide = slide_inference(x, model, crop_size=crop, stride=stride, crop_batch_size=crop_batch_size, out=out)
         whole = model.predict(x, rescale_to=(height, width))
     assert slide is out
     torch.testing.assert_close(slide, whole, atol=1e-5, rtol=1e-5)
@@ -168,7 +173,7 @@ def test_whole_mode_uses_the_configured_size():
     out = make_inference(x, model, "whole", rescale_to=(10, 15), crop_size=(32, 48))
     assert model.calls == [(1, 3, 32, 48)] and out.shape == (1, 3, 10, 15)
     make_inference(x, model, "whole", rescale_to=(10, 15))
-    assert model.calls[-1] == (1, 3, 20, 30)
+    assert model.calls[-1] == (1, 3, 512, 512)  # the official whole-image size
 
 
 def test_tta_image_size_follows_the_official_rule():
@@ -213,21 +218,21 @@ def test_accumulator_buffer_is_reused_and_grows():
     buffer = AccumulatorBuffer()
     big, small = torch.randn(1, 3, 30, 40), torch.randn(2, 3, 20, 20)
     with torch.no_grad():
-        first = slide_inference(big, model, 16, 10, buffer=buffer)
-        torch.testing.assert_close(first, slide_inference(big, model, 16, 10))
+        first = slide_inference(big, model, crop_size=16, stride=10, buffer=buffer)
+        torch.testing.assert_close(first, slide_inference(big, model, crop_size=16, stride=10))
         assert buffer.holds(first) and not buffer.holds(first.clone())
         ptr = first.data_ptr()
         # A smaller request (other shape, two images) is a view of the same memory, with the right values.
-        second = slide_inference(small, model, 16, 10, buffer=buffer)
+        second = slide_inference(small, model, crop_size=16, stride=10, buffer=buffer)
         assert second.data_ptr() == ptr and second.is_contiguous() and second.shape == (2, 3, 20, 20)
-        torch.testing.assert_close(second, slide_inference(small, model, 16, 10))
+        torch.testing.assert_close(second, slide_inference(small, model, crop_size=16, stride=10))
         # A larger one replaces the block.
-        third = slide_inference(torch.randn(1, 3, 50, 40), model, 16, 10, buffer=buffer)
+        third = slide_inference(torch.randn(1, 3, 50, 40), model, crop_size=16, stride=10, buffer=buffer)
         assert third.numel() > first.numel() and buffer.holds(third) and not buffer.holds(first)
         buffer.clear()
         assert not buffer.holds(third)
     with pytest.raises(ValueError, match="out or buffer"):
-        slide_inference(big, model, 16, 10, out=torch.empty(1, 3, 30, 40), buffer=AccumulatorBuffer())
+        slide_inference(big, model, crop_size=16, stride=10, out=torch.empty(1, 3, 30, 40), buffer=AccumulatorBuffer())
 
 
 @pytest.mark.parametrize("activation", [None, softmax])
@@ -248,7 +253,7 @@ def test_tta_with_a_buffer_equals_tta_without(activation):
 
 def test_num_max_forward_pads_model_calls():
     model = ConvSegmentor()
-    slide_inference(torch.randn(1, 3, 20, 20), model, 16, 8, crop_batch_size=2, num_max_forward=5)
+    slide_inference(torch.randn(1, 3, 20, 20), model, crop_size=16, stride=8, crop_batch_size=2, num_max_forward=5)
     assert len(model.calls) == 5 and model.calls[-1] == (2, 3, 16, 16)
 
 
@@ -256,14 +261,14 @@ def test_bad_arguments_raise():
     model = ConvSegmentor()
     x = torch.randn(1, 3, 20, 20)
     with pytest.raises(ValueError, match="larger than crop_size"):
-        slide_inference(x, model, 8, 9)
+        slide_inference(x, model, crop_size=8, stride=9)
     with pytest.raises(ValueError, match="crop_size"):
-        slide_inference(x, model, 0, 1)
+        slide_inference(x, model, crop_size=0, stride=1)
     with pytest.raises(ValueError, match="inference_mode"):
         make_inference(x, model, "tiles")
     with pytest.raises(ValueError, match="needs crop_size"):
         make_inference(x, model, "slide")
     with pytest.raises(ValueError, match="out must be"):
-        slide_inference(x, model, 8, 8, out=torch.zeros(1, 3, 20, 21))
+        slide_inference(x, model, crop_size=8, stride=8, out=torch.zeros(1, 3, 20, 21))
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
-        slide_inference(x[0], model, 8, 8)
+        slide_inference(x[0], model, crop_size=8, stride=8)

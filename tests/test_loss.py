@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoseg.eval.segmentation.loss import MultiSegmentationLoss, dice_loss
+from dinoseg.eval.segmentation.loss import MultiSegmentationLoss, softmax_dice_loss
 
 
 def _batch(b=2, c=5, h=6, w=7, ignored=0.3):
@@ -47,7 +47,7 @@ def test_dice_is_zero_for_a_perfect_prediction():
     _, target = _batch()
     logits = 100.0 * F.one_hot(target.clamp(max=4), 5).permute(0, 3, 1, 2).float()
     logits[:, 2][target == 255] = 1000.0  # whatever is predicted on ignored pixels must not count
-    assert dice_loss(logits, target, target != 255).item() == pytest.approx(0.0, abs=1e-6)
+    assert softmax_dice_loss(logits, target, target != 255).item() == pytest.approx(0.0, abs=1e-6)
     assert MultiSegmentationLoss(1.0, 0.0)(logits, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -84,17 +84,17 @@ def test_logits_are_resized_to_the_label():
     logits, _ = _batch(h=3, w=4)
     big_target = torch.randint(0, 5, (2, 6, 8))
     up = F.interpolate(logits, size=(6, 8), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(MultiSegmentationLoss()(logits, big_target), F.cross_entropy(up, big_target))
+    torch.testing.assert_close(MultiSegmentationLoss(celoss_weight=1.0)(logits, big_target), F.cross_entropy(up, big_target))
 
 
 def test_bad_input_raises():
     logits, target = _batch()
     target[0, 0, 0] = 7
     with pytest.raises(ValueError, match="label value 7"):
-        MultiSegmentationLoss()(logits, target)
+        MultiSegmentationLoss(celoss_weight=1.0)(logits, target)
     with pytest.raises(ValueError, match="both 0"):
         MultiSegmentationLoss(0.0, 0.0)
     with pytest.raises(ValueError, match=">= 0"):
         MultiSegmentationLoss(-1.0, 1.0)
     with pytest.raises(ValueError, match="target shape"):
-        MultiSegmentationLoss()(logits, target[0])
+        MultiSegmentationLoss(celoss_weight=1.0)(logits, target[0])

@@ -39,8 +39,8 @@ def set_rng_state(state: dict) -> None:
 
 def _to_plain(obj):
     """numpy / tuple RNG states -> tensors and lists, so `torch.load(weights_only=True)` can read them back."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.ndarray):  # numpy's uint32 key as int64: torch 2.5 cannot save uint32 tensors
+        return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
     if isinstance(obj, tuple):
         return [_to_plain(o) for o in obj]
     if isinstance(obj, list):
@@ -66,7 +66,7 @@ def _from_plain_rng(state: dict) -> dict:
     py = state["python"]
     return {
         **state,
-        "numpy": (numpy_state[0], numpy_state[1].numpy(), *numpy_state[2:]),
+        "numpy": (numpy_state[0], numpy_state[1].numpy().astype(np.uint32), *numpy_state[2:]),
         "python": (py[0], tuple(py[1]), py[2]),
     }
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..models.checkpoint import first_line
-from .schedulers import SchedulerType
+from .schedulers import AnnealStrategy, SchedulerType
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,12 @@ class SchedulerConfig:
     warmup_ratio: float = 1e-6  # learning-rate factor at the first warmup step
     final_div_factor: float = float("inf")  # one-cycle: final lr = lr / div_factor / final_div_factor
     div_factor: float = 25.0
+    anneal_strategy: AnnealStrategy = AnnealStrategy.COS  # one-cycle: cosine or linear decay after the warmup
+    # One-cycle: Adam's beta1 follows the official momentum schedule (0 during the warmup, then base_momentum ->
+    # max_momentum) instead of optimizer.beta1.
+    use_beta1: bool = False
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
     poly_power: float = 0.9
     min_lr: float = 0.0  # poly only
 

@@ -32,7 +32,8 @@ def get_backbone_out_indices(n_blocks: int, layers: BackboneLayersSet | str) -> 
 class ModelWithIntermediateLayers(nn.Module):
     """Runs a frozen backbone and returns the outputs of the chosen blocks.
 
-    `n` is a number of last blocks or a list of block indices (as `get_intermediate_layers`). The backbone
+    `n` is a number of last blocks or a list of block indices (as `get_intermediate_layers`); `reshape` and
+    `return_class_token` as there (official defaults: token sequences, with the class token). The backbone
     is frozen and kept in eval mode, and its forward runs under `no_grad` so no autograd graph is built for
     it; unlike `inference_mode`, the outputs are ordinary tensors that a trainable head can consume.
     """
@@ -42,8 +43,8 @@ class ModelWithIntermediateLayers(nn.Module):
         feature_model: nn.Module,
         n: int | list[int],
         autocast_ctx=contextlib.nullcontext,
-        reshape: bool = True,
-        return_class_token: bool = False,
+        reshape: bool = False,
+        return_class_token: bool = True,
     ):
         super().__init__()
         self.feature_model = freeze_backbone(feature_model)

@@ -27,7 +27,8 @@ from ..models.precision import cast_weights
 
 
 def _segmentor(backbone_name: str, *, pretrained: bool, weights, backbone_weights, check_hash: bool, device,
-               dtype: torch.dtype | None, backbone_options: dict | None, **decoder_args) -> FeatureDecoder:
+               dtype: torch.dtype | None, backbone_options: dict | None, file_hash: str | None = None,
+               **decoder_args) -> FeatureDecoder:
     options = backbone_options or {}
     if not pretrained:
         backbone = make_backbone(backbone_name, pretrained=False, device=device, **options)
@@ -35,7 +36,7 @@ def _segmentor(backbone_name: str, *, pretrained: bool, weights, backbone_weight
             segmentor = build_segmentation_decoder(backbone, **decoder_args)
         return cast_weights(segmentor, dtype) if dtype is not None else segmentor
     location = head_location(backbone_name, weights, released=backbone_name in M2F_HEAD_HASHES and
-                             decoder_args["decoder_type"] is DecoderType.M2F)
+                             decoder_args["decoder_type"] is DecoderType.M2F, file_hash=file_hash)
     # Check the head file first (memory-mapped: cheap): fail before spending minutes on a multi-GB backbone.
     head = resolve_weights_path(location, check_hash=check_hash)
     load_state_dict_file(head)
@@ -52,9 +53,10 @@ def dinov3_vit7b16_ms(
     backbone_weights: Weights | str = Weights.LVD1689M,
     check_hash: bool = False,
     autocast_dtype: torch.dtype = torch.bfloat16,
+    hidden_dim: int = 2048,
+    hash: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    hidden_dim: int = 2048,
     num_classes: int = 150,
     m2f_options: Mask2FormerOptions | None = None,
     backbone_options: dict | None = None,
@@ -67,12 +69,14 @@ def dinov3_vit7b16_ms(
         backbone_weights: the ViT-7B checkpoint, as for :func:`dinoseg.hub.dinov3_vit7b16`.
         autocast_dtype: mixed precision of the forward pass on the input's device (float32 disables it;
             the deformable attention and the pixel decoder always run in float32).
+        hidden_dim, hash: the official extra keywords: the head width, and another hash in the released head's
+            file name (``weights=SegmentorWeights.ADE20K``).
         pretrained: False builds random weights instead (``device="meta"`` allocates nothing).
         device: where the segmentor ends up.
         dtype: ``torch.bfloat16`` / ``torch.float16`` store the weights in half precision (about 14 GB instead
             of 28 GB for the ViT-7B; normalisations, RoPE periods, the deformable attention and the pixel decoder
             stay float32), read tensor by tensor so host memory never holds a float32 copy.
-        hidden_dim, num_classes, m2f_options, backbone_options: other heads of the same architecture
+        num_classes, m2f_options, backbone_options: other heads of the same architecture
             (``backbone_options``: architecture overrides for ``make_backbone``).
 
     ``segmentor.predict(x, rescale_to=(H, W))`` returns ``{"pred_logits", "pred_masks"}``; feed it to
@@ -80,6 +84,7 @@ def dinov3_vit7b16_ms(
     """
     return _segmentor("dinov3_vit7b16", pretrained=pretrained, weights=weights, backbone_weights=backbone_weights,
                       check_hash=check_hash, device=device, dtype=dtype, backbone_options=backbone_options,
+                      file_hash=hash,
                       backbone_out_layers=BackboneLayersSet.FOUR_EVEN_INTERVALS, decoder_type=DecoderType.M2F,
                       hidden_dim=hidden_dim, num_classes=num_classes, autocast_dtype=autocast_dtype,
                       m2f_options=m2f_options)

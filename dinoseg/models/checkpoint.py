@@ -1,13 +1,10 @@
 """The one place that reads checkpoint files, loads them strictly and converts foreign key layouts (Hugging Face)."""
 
-import ctypes
 import hashlib
 import json
-import mmap
 import os
 import pickle
 import re
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -125,15 +122,62 @@ def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False, *,
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}")
         tensors = obj.items()
     state_dict = {}
+    reader = _MappedFileReader(path) if mapped else None
     for name, tensor in tensors:
         target = dtype_of(name, tensor) if dtype_of is not None else tensor.dtype
         if target != tensor.dtype:
-            converted = tensor.to(target)
-            if mapped:
-                _release_pages(tensor)  # the stored bytes are not needed any more
-            tensor = converted
+            # Read the stored bytes with a plain file read rather than through the mapping: pages touched in a
+            # mapping stay resident (and the kernel may map far more than the tensor) until the file is unmapped.
+            source = reader.read(tensor) if reader is not None else None
+            tensor = (source if source is not None else tensor).to(target)
         state_dict[name] = tensor
+    if reader is not None:
+        reader.close()
     return state_dict
+
+
+class _MappedFileReader:
+    """Reads the bytes behind a tensor of a memory-mapped checkpoint (`torch.load(mmap=True)`) from the file itself,
+    located through the mapping's address in /proc/self/maps (Linux); `read` gives None where it cannot."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.maps = []
+        target = os.stat(path)
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 6:
+                        continue
+                    device, inode = fields[3], int(fields[4])
+                    major, minor = (int(v, 16) for v in device.split(":"))
+                    if inode == target.st_ino and os.makedev(major, minor) == target.st_dev:
+                        start, end = (int(v, 16) for v in fields[0].split("-"))
+                        self.maps.append((start, end, int(fields[2], 16)))
+        except OSError:  # no /proc: read through the mapping instead
+            self.maps = []
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        if not tensor.is_contiguous():
+            return None
+        address, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        for start, end, file_offset in self.maps:
+            if start <= address and address + size <= end:
+                data = bytearray(size)
+                view = memoryview(data)
+                done = 0
+                while done < size:
+                    n = os.preadv(self.fd, [view[done:]], file_offset + address - start + done)
+                    if n <= 0:
+                        return None
+                    done += n
+                out = torch.frombuffer(data, dtype=tensor.dtype) if size else torch.empty(0, dtype=tensor.dtype)
+                return out.reshape(tensor.shape)
+        return None
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 _SAFETENSORS_DTYPES = {
@@ -159,24 +203,6 @@ def _safetensors_tensors(path: Path):
                 yield name, tensor.reshape(info["shape"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
-
-
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Hand the pages of a memory-mapped checkpoint tensor back (they are read again if ever touched): without
-    this, every page read while converting stays resident until the whole file is unmapped."""
-    if _LIBC is None:
-        return
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr() // page * page
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-_MADV_DONTNEED = 4
-try:
-    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-except OSError:  # pragma: no cover - no libc to call
-    _LIBC = None
 
 
 def describe_mismatch(module: nn.Module | dict, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:

@@ -63,6 +63,9 @@ class TrainTransformConfig:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric_distortion: bool = True
+    # Hue shift range in turns of the colour circle: mmseg's (-0.1, 0.1) = +-36 degrees; the official recipe's
+    # (-0.5, 0.5) reaches any hue (set by the shipped official-recipe configs).
+    hue_range: list[float] = field(default_factory=lambda: [-0.1, 0.1])
 
 
 @dataclass

@@ -1,16 +1,23 @@
 """Whole-image, sliding-window and test-time-augmented inference for segmentors with a `predict` method.
 
-Same semantics as the official DINOv3 code (crop grid with the last crop aligned to the border, per-pixel
-averaging of overlapping crops, resize to `rescale_to`, un-flip, output activation, the TTA scale rule), but:
+`make_inference` and `slide_inference` take the official DINOv3 arguments in the official order, with the official
+effect (crop grid with the last crop aligned to the border, square crops of the short side for an image smaller
+than the crop in both dimensions, per-pixel averaging of overlapping crops, resize to `rescale_to`, un-flip, output
+activation, `decoder_head_type="m2f"` rounding Mask2Former class scores through bfloat16 in slide mode,
+`num_max_forward` padding the model calls, whole-image mode at 512 x 512). Beyond that, and without changing a
+result the official code produces:
 - crops go through the model in batches of `crop_batch_size`, from any number of images per call;
 - every crop's scores are written / added into its window of a float32 accumulator that stays on the model's device
-  (no crop is padded to the full image, nothing goes through the host);
-- Mask2Former outputs are turned into class scores in float32 (the official slide path uses bfloat16);
+  (no crop is padded to the full image, nothing goes through the host; the official slide result is on the CPU);
+- a crop (or whole image) whose sides are not multiples of the backbone's patch size is zero-padded at the
+  bottom / right and its prediction cropped back (the official backbone drops the remainder or fails);
+- a stride larger than a crop shrunk to a small image is reduced to the crop (the official grid leaves pixels
+  uncovered and fails);
 - the overlap count is float32 (the official int8 count overflows past 127 overlapping crops);
-- whole-image mode resizes to the configured size instead of a hard-coded 512 x 512;
-- a crop at least as large as the image in a dimension spans that dimension (the official code switches to
-  square crops of the short side when the image is smaller than the crop in both dimensions);
-- TTA resizes each scale on the fly instead of holding a list of pre-resized copies;
+- Mask2Former outputs are recognised without `decoder_head_type` and then turned into class scores in float32;
+- `n_output_channels` defaults to the model's number of outputs (official: 256, which fails for any other count);
+- whole-image mode resizes to `crop_size` when one is given;
+- TTA (`make_tta_inference`) resizes each scale on the fly instead of holding a list of pre-resized copies;
 - an `AccumulatorBuffer` lets a loop over images reuse the accumulator's memory (eval and predict do).
 """
 
@@ -36,6 +43,7 @@ __all__ = [
     "slide_crop_boxes",
     "slide_inference",
     "tta_image_size",
+    "whole_image_size",
 ]
 
 _SOFTMAX = partial(F.softmax, dim=1)
@@ -46,10 +54,15 @@ class InferenceMode(Enum):
     SLIDE = "slide"
 
 
-def mask_classification_to_semantic(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
-    """Per-class scores [B, C, H, W] from Mask2Former outputs (logits [B, Q, C+1], masks [B, Q, H, W]).
+HEAD_TYPES = ("linear", "m2f")  # official `decoder_head_type` values
 
-    The last logit is the "no object" class and is dropped after the softmax. Computed in float32.
+
+def mask_classification_to_semantic(pred_logits: torch.Tensor, pred_masks: torch.Tensor, *,
+                                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-class scores [B, C, H, W] (float32) from Mask2Former outputs (logits [B, Q, C+1], masks [B, Q, H, W]).
+
+    The last logit is the "no object" class and is dropped after the softmax. The class probabilities and mask
+    probabilities are combined in `dtype` (the official slide inference uses bfloat16, its whole-image mode float32).
     """
     if pred_logits.ndim != 3 or pred_masks.ndim != 4 or pred_logits.shape[:2] != pred_masks.shape[:2]:
         raise ValueError(
@@ -57,20 +70,36 @@ def mask_classification_to_semantic(pred_logits: torch.Tensor, pred_masks: torch
             f"got {tuple(pred_logits.shape)} and {tuple(pred_masks.shape)}"
         )
     class_probs = pred_logits.float().softmax(dim=-1)[..., :-1]
-    return torch.einsum("bqc,bqhw->bchw", class_probs, pred_masks.float().sigmoid())
+    mask_probs = pred_masks.float().sigmoid()
+    return torch.einsum("bqc,bqhw->bchw", class_probs.to(dtype), mask_probs.to(dtype)).float()
 
 
-def _class_scores(output) -> torch.Tensor:
-    """Per-class scores from a head's `predict` output: logits as they are, or a Mask2Former dict."""
+def _check_head_type(decoder_head_type) -> str:
+    if decoder_head_type not in HEAD_TYPES:  # a DecoderType member compares equal to its value
+        if not isinstance(decoder_head_type, str):
+            raise TypeError(
+                f"decoder_head_type must be 'linear' or 'm2f', got {decoder_head_type!r}: the third argument of "
+                "slide_inference is decoder_head_type (official order); pass crop_size= and stride= by keyword"
+            )
+        raise ValueError(f"unknown decoder_head_type {decoder_head_type!r}; expected one of {list(HEAD_TYPES)}")
+    return str(getattr(decoder_head_type, "value", decoder_head_type))
+
+
+def _class_scores(output, decoder_head_type: str = "linear", m2f_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-class scores from a head's `predict` output: logits as they are, or a Mask2Former dict (recognised
+    whatever `decoder_head_type` says; with "m2f" its scores are combined in `m2f_dtype`)."""
     if isinstance(output, dict):
         missing = {"pred_logits", "pred_masks"} - output.keys()
         if missing:
             raise KeyError(f"segmentor predict() returned a dict without {sorted(missing)}")
-        return mask_classification_to_semantic(output["pred_logits"], output["pred_masks"])
+        dtype = m2f_dtype if decoder_head_type == "m2f" else torch.float32
+        return mask_classification_to_semantic(output["pred_logits"], output["pred_masks"], dtype=dtype)
     if not torch.is_tensor(output) or output.ndim != 4:
         raise TypeError(
             f"segmentor predict() must return [B, C, H, W] scores or a Mask2Former dict, got {output!r:.80}"
         )
+    if decoder_head_type == "m2f":
+        raise TypeError("decoder_head_type='m2f' but the segmentor's predict() returned a tensor, not Mask2Former outputs")
     return output
 
 
@@ -109,12 +138,39 @@ class AccumulatorBuffer:
         self._blocks.clear()
 
 
+def _backbone_side(segmentation_model: nn.Module) -> nn.Module:
+    return getattr(segmentation_model, "segmentation_model", [segmentation_model])[0]
+
+
 def whole_image_size(image: torch.Tensor, segmentation_model: nn.Module) -> tuple[int, int]:
-    """The image's size rounded up to the backbone's patch grid (whole-image mode without a crop size)."""
-    side = getattr(segmentation_model, "segmentation_model", [segmentation_model])[0]
+    """The image's size rounded up to the backbone's patch grid (whole-image mode at the image's own size)."""
     # A model that names no patch size takes any size; a ConvNeXt (patch size None) its coarsest stride, 32.
-    patch = getattr(side, "patch_size", 1) or 32
+    patch = getattr(_backbone_side(segmentation_model), "patch_size", 1) or 32
     return tuple(-(-s // patch) * patch for s in image.shape[-2:])
+
+
+def _input_multiple(segmentation_model: nn.Module) -> int:
+    """What the sides of an input must be multiples of: the ViT's patch size; 1 for a backbone side that pads its
+    input itself (the ViT-Adapter) or takes any size (a ConvNeXt, a model without a backbone side)."""
+    side = _backbone_side(segmentation_model)
+    patch = getattr(side, "patch_size", None)
+    return patch if isinstance(patch, int) and not hasattr(side, "size_divisor") else 1
+
+
+def _predict_scores(segmentation_model: nn.Module, x: torch.Tensor, rescale_to: tuple[int, int], multiple: int,
+                    decoder_head_type: str, m2f_dtype: torch.dtype) -> torch.Tensor:
+    """Class scores [B, C, *rescale_to] of `x`; sides that are not multiples of `multiple` are zero-padded at the
+    bottom / right, predicted at the padded size and cropped back before the resize to `rescale_to`."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if not (pad_h or pad_w):
+        return _class_scores(segmentation_model.predict(x, rescale_to=rescale_to), decoder_head_type, m2f_dtype)
+    padded = (h + pad_h, w + pad_w)
+    out = segmentation_model.predict(F.pad(x, (0, pad_w, 0, pad_h)), rescale_to=padded)
+    scores = _class_scores(out, decoder_head_type, m2f_dtype)[..., :h, :w]
+    if (h, w) != tuple(rescale_to):
+        scores = F.interpolate(scores.float(), size=tuple(rescale_to), mode="bilinear", align_corners=False)
+    return scores
 
 
 def _model_device(model: nn.Module, default: torch.device) -> torch.device:
@@ -125,8 +181,11 @@ def _model_device(model: nn.Module, default: torch.device) -> torch.device:
 def slide_crop_boxes(height: int, width: int, crop_size, stride) -> list[tuple[int, int, int, int]]:
     """Windows `(y1, y2, x1, x2)` of the official crop grid, row-major; the last row / column ends at the border.
 
-    All windows have the same size `(min(h_crop, height), min(w_crop, width))`. A stride larger than the crop
-    would leave pixels uncovered, so it is an error.
+    An image smaller than the crop in both dimensions gets square crops of its short side (the official rule);
+    otherwise a crop larger than the image in one dimension spans that dimension. All windows have the same size.
+    A stride larger than the crop it was given for would leave pixels uncovered, so it is an error; a stride larger
+    than a crop shrunk to the image is reduced to that crop (same windows wherever the official grid covers the
+    image, and no gaps where it does not).
     """
     h_crop, w_crop = to_pair(crop_size, "crop_size")
     h_stride, w_stride = to_pair(stride, "stride")
@@ -134,6 +193,10 @@ def slide_crop_boxes(height: int, width: int, crop_size, stride) -> list[tuple[i
         raise ValueError(
             f"stride {(h_stride, w_stride)} is larger than crop_size {(h_crop, w_crop)}: pixels would be skipped"
         )
+    if h_crop > height and w_crop > width:
+        h_crop = w_crop = min(height, width)
+    h_crop, w_crop = min(h_crop, height), min(w_crop, width)
+    h_stride, w_stride = min(h_stride, h_crop), min(w_stride, w_crop)
     h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     boxes = []
@@ -184,28 +247,35 @@ def _add_crop(pred: torch.Tensor, score: torch.Tensor, box, plan_entry, weight: 
 def slide_inference(
     inputs: torch.Tensor,
     segmentation_model: nn.Module,
+    decoder_head_type: str = "linear",
+    n_output_channels: int | None = None,
     crop_size=(512, 512),
     stride=(341, 341),
+    num_max_forward: int = 1,
+    *,
     crop_batch_size: int = 8,
-    n_output_channels: int | None = None,
-    num_max_forward: int = 0,
     out: torch.Tensor | None = None,
     buffer: AccumulatorBuffer | None = None,
 ) -> torch.Tensor:
     """Sliding-window class scores [B, C, H, W] (float32, on the model's device) for images [B, 3, H, W].
 
+    Official arguments: `decoder_head_type` ("linear", or "m2f" for Mask2Former outputs, whose class scores are
+    then rounded through bfloat16 as officially; Mask2Former outputs are also recognised under "linear", in
+    float32); `n_output_channels` (C; None: the model's), `crop_size`, `stride` (`slide_crop_boxes`);
+    `num_max_forward`: when larger than the number of model calls needed, extra calls on zero crops are made up to
+    it (ranks of a sharded model must call it equally often).
+
     Each pixel gets the mean of the scores of the crops covering it. The crops of all images are batched
     `crop_batch_size` at a time.
-    - `n_output_channels` (C), when given, lets the accumulator be allocated before the first model call
+    - `n_output_channels`, when given, lets the accumulator be allocated before the first model call
       (while the least memory is in use) instead of after it.
     - `out`: a float32 [B, C, H, W] tensor on the model's device to write the result into (its content is
       overwritten, not added to); reusing one across same-size images saves allocating and first-touching
       a fresh accumulator each time, which dominates the overhead on CPU.
     - `buffer`: an `AccumulatorBuffer` to take the accumulator from (the same saving for images of any size);
       the result is a view of it, valid until the buffer's next use.
-    - `num_max_forward`: when larger than the number of model calls needed, extra calls on zero crops are made
-      up to it (ranks of a sharded model must call it equally often).
     """
+    head_type = _check_head_type(decoder_head_type)
     if inputs.ndim != 4:
         raise ValueError(f"slide_inference: expected images [B, C, H, W], got shape {tuple(inputs.shape)}")
     if crop_batch_size < 1:
@@ -218,6 +288,7 @@ def slide_inference(
     boxes = slide_crop_boxes(height, width, crop_size, stride)
     crop_hw = (boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2])
     plan = _first_cover_plan(boxes)
+    multiple = _input_multiple(segmentation_model)
 
     # Every pixel's weight is 1 / (number of crops covering it), so the accumulated sum is already the mean.
     count = torch.zeros(height, width, device=device, dtype=torch.float32)
@@ -247,7 +318,7 @@ def slide_inference(
         crops = torch.stack(
             [inputs[b, :, y1:y2, x1:x2] for b, (y1, y2, x1, x2) in ((b, boxes[i]) for b, i in chunk)]
         )
-        scores = _class_scores(segmentation_model.predict(crops, rescale_to=crop_hw))
+        scores = _predict_scores(segmentation_model, crops, crop_hw, multiple, head_type, torch.bfloat16)
         n_calls += 1
         if preds is None:
             preds = accumulator(scores.shape[1])
@@ -258,9 +329,10 @@ def slide_inference(
         for j, (b, i) in enumerate(chunk):
             _add_crop(preds[b], scores[j], boxes[i], plan[i], weight)
         del crops, scores  # before the next model call: they hold a whole batch of full-resolution scores
+    padded_hw = tuple(s + -s % multiple for s in crop_hw)
     for _ in range(n_calls, num_max_forward):
-        dummy = inputs.new_zeros(min(crop_batch_size, len(jobs)), inputs.shape[1], *crop_hw)
-        segmentation_model.predict(dummy, rescale_to=crop_hw)
+        dummy = inputs.new_zeros(min(crop_batch_size, len(jobs)), inputs.shape[1], *padded_hw)
+        segmentation_model.predict(dummy, rescale_to=padded_hw)
     return preds
 
 
@@ -269,24 +341,28 @@ def make_inference(
     x: torch.Tensor,
     segmentation_model: nn.Module,
     inference_mode: str = "whole",
+    decoder_head_type: str = "linear",
     rescale_to=(512, 512),
+    n_output_channels: int | None = None,
     crop_size=None,
     stride=None,
     apply_horizontal_flip: bool = False,
+    num_max_forward: int = 1,
     output_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
     crop_batch_size: int = 8,
-    n_output_channels: int | None = None,
-    num_max_forward: int = 0,
     buffer: AccumulatorBuffer | None = None,
 ) -> torch.Tensor:
-    """Class scores [B, C, *rescale_to] for images x [B, 3, H, W].
+    """Class scores [B, C, *rescale_to] for images x [B, 3, H, W] (official arguments and order).
 
-    "whole": one prediction on x resized to `crop_size` (None: x's size rounded up to the backbone's patch grid).
-    "slide": `slide_inference` with `crop_size` / `stride`, then a bilinear resize to `rescale_to`.
+    "whole": one prediction on x resized to `crop_size` (None: 512 x 512, as officially).
+    "slide": `slide_inference` with `decoder_head_type`, `n_output_channels`, `crop_size`, `stride` and
+    `num_max_forward`, then a bilinear resize to `rescale_to`.
     `apply_horizontal_flip` flips the prediction back (x is the flipped image); `output_activation` (e.g.
-    softmax over dim 1) is applied last. `buffer` is passed to `slide_inference`: without a resize, flip or
-    activation the result is a view of it.
+    softmax over dim 1) is applied last. `crop_batch_size` and `buffer` are passed to `slide_inference`: without
+    a resize, flip or activation the result is a view of the buffer.
     """
+    head_type = _check_head_type(decoder_head_type)
     rescale_to = to_pair(rescale_to, "rescale_to")
     if inference_mode == "slide":
         if crop_size is None or stride is None:
@@ -294,21 +370,23 @@ def make_inference(
         pred = slide_inference(
             x,
             segmentation_model,
+            head_type,
+            n_output_channels,
             crop_size,
             stride,
+            num_max_forward,
             crop_batch_size=crop_batch_size,
-            n_output_channels=n_output_channels,
-            num_max_forward=num_max_forward,
             buffer=buffer,
         )
         if pred.shape[-2:] != rescale_to:
             pred = F.interpolate(pred, size=rescale_to, mode="bilinear", align_corners=False)
     elif inference_mode == "whole":
         x = x.to(_model_device(segmentation_model, x.device))
-        size = to_pair(crop_size, "crop_size") if crop_size is not None else whole_image_size(x, segmentation_model)
+        size = to_pair(crop_size if crop_size is not None else 512, "crop_size")
         if x.shape[-2:] != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        pred = _class_scores(segmentation_model.predict(x, rescale_to=rescale_to)).float()
+        multiple = _input_multiple(segmentation_model)
+        pred = _predict_scores(segmentation_model, x, rescale_to, multiple, head_type, torch.float32).float()
     else:
         raise ValueError(f"unknown inference_mode {inference_mode!r}; expected 'whole' or 'slide'")
     if apply_horizontal_flip:
@@ -348,13 +426,15 @@ def make_tta_inference(
     n_output_channels: int | None = None,
     output_activation: Callable[[torch.Tensor], torch.Tensor] | None = _SOFTMAX,
     buffer: AccumulatorBuffer | None = None,
+    decoder_head_type: str = "linear",
 ) -> torch.Tensor:
     """Mean over scales (and horizontal flips) of the activated predictions, [B, C, *rescale_to] float32.
 
     x is the image at its original resolution; each scale is resized from it with `tta_image_size(small_size,
     ratio)` (`small_size=None`: x's own short side) when it is needed, so only one scaled copy exists at a time.
-    With `tta_ratios=(1.0,)` and no flip this is the plain (non-TTA) evaluation. `buffer` holds the sliding-window
-    accumulator of every prediction (see `AccumulatorBuffer`).
+    With `tta_ratios=(1.0,)` and no flip this is the plain (non-TTA) evaluation. In whole-image mode without a
+    `crop_size`, each scale is predicted at its own size rounded up to the patch grid. `buffer` holds the
+    sliding-window accumulator of every prediction (see `AccumulatorBuffer`).
     """
     if x.ndim != 4:
         raise ValueError(f"make_tta_inference: expected images [B, C, H, W], got shape {tuple(x.shape)}")
@@ -369,18 +449,20 @@ def make_tta_inference(
         scaled = (
             x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear", antialias=True)
         )
+        own_size = inference_mode == "whole" and crop_size is None
         for flip in (False, True) if use_flip else (False,):
             pred = make_inference(
                 scaled.flip(-1) if flip else scaled,
                 segmentation_model,
-                inference_mode=inference_mode,
+                inference_mode,
+                decoder_head_type,
                 rescale_to=rescale_to,
-                crop_size=crop_size,
+                n_output_channels=n_output_channels,
+                crop_size=whole_image_size(scaled, segmentation_model) if own_size else crop_size,
                 stride=stride,
                 apply_horizontal_flip=flip,
                 output_activation=output_activation,
                 crop_batch_size=crop_batch_size,
-                n_output_channels=n_output_channels,
                 buffer=buffer,
             )
             if total is None:
@@ -404,6 +486,10 @@ class InferenceSettings:
     crop_batch_size: int = 8
     tta_ratios: tuple[float, ...] = (1.0,)  # scales of the short side; with use_flip: test-time augmentation
     use_flip: bool = False
+    # The short side the scales are taken of, from the image at its original size (the official TTA); None:
+    # the given image's own short side.
+    small_size: int | None = None
+    decoder_head_type: str = "linear"  # "m2f": Mask2Former class scores rounded as officially (see slide_inference)
 
     def __call__(self, image: torch.Tensor, segmentation_model: nn.Module, rescale_to,
                  buffer: AccumulatorBuffer | None = None) -> torch.Tensor:
@@ -411,6 +497,7 @@ class InferenceSettings:
         whole = self.mode is InferenceMode.WHOLE
         return make_tta_inference(
             image, segmentation_model, rescale_to=rescale_to, tta_ratios=self.tta_ratios, use_flip=self.use_flip,
-            inference_mode=self.mode.value, crop_size=None if whole else self.crop_size, stride=self.stride,
-            crop_batch_size=self.crop_batch_size, buffer=buffer,
+            small_size=self.small_size, inference_mode=self.mode.value, crop_size=None if whole else self.crop_size,
+            stride=self.stride, crop_batch_size=self.crop_batch_size, buffer=buffer,
+            decoder_head_type=self.decoder_head_type,
         )

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MultiSegmentationLoss", "dice_loss"]
+__all__ = ["MultiSegmentationLoss", "softmax_dice_loss"]
 
 
-def dice_loss(
+def softmax_dice_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     valid: torch.Tensor,
@@ -37,14 +37,15 @@ class MultiSegmentationLoss(nn.Module):
 
     - Cross-entropy is averaged over the non-ignored pixels of the batch; a batch where every pixel is
       ignored gives a finite 0 with zero gradients (plain `F.cross_entropy` gives NaN).
-    - Either weight may be 0 (that term is then skipped); both 0 is an error. The official class silently
-      used only one of the two losses.
+    - Either weight may be 0 (that term is then skipped); both 0 (the official defaults) is an error at
+      construction (the official loss then fails at its first call). The official class used only one of the
+      two losses (Dice alone when its weight is positive).
     - `target` may be [B, H, W] or [B, 1, H, W] (the official training step squeezed every singleton
       dimension, which broke batch size 1). Logits at another resolution than the target are bilinearly
       resized to it first, as the official training step does.
     """
 
-    def __init__(self, diceloss_weight: float = 0.0, celoss_weight: float = 1.0, ignore_index: int = 255):
+    def __init__(self, diceloss_weight: float = 0.0, celoss_weight: float = 0.0, *, ignore_index: int = 255):
         super().__init__()
         if diceloss_weight < 0 or celoss_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got dice={diceloss_weight}, ce={celoss_weight}")
@@ -84,5 +85,5 @@ class MultiSegmentationLoss(nn.Module):
             ce = F.cross_entropy(pred.float(), target, ignore_index=self.ignore_index, reduction="sum")
             loss = loss + self.celoss_weight * ce / valid.sum().clamp(min=1)
         if self.diceloss_weight:
-            loss = loss + self.diceloss_weight * dice_loss(pred, target, valid)
+            loss = loss + self.diceloss_weight * softmax_dice_loss(pred, target, valid)
         return loss

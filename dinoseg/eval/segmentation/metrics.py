@@ -13,6 +13,7 @@ from ...data.datasets.base import reduce_zero_label
 from ...engine import distributed
 
 __all__ = [
+    "METRIC_GROUPS",
     "SEGMENTATION_METRICS",
     "SUMMARY_NAMES",
     "SegmentationMetrics",
@@ -41,6 +42,7 @@ def calculate_intersect_and_union(
     num_classes: int,
     ignore_index: int = 255,
     reduce_zero_label: bool = False,
+    *,
     strict: bool = True,
 ) -> torch.Tensor:
     """Per-class pixel areas, int64 [4, num_classes]: intersect, union, predicted, label.
@@ -48,7 +50,8 @@ def calculate_intersect_and_union(
     `pred_label` and `label` are class maps of the same shape; pixels whose (reduced) label is `ignore_index`
     are skipped. Label or predicted values outside [0, num_classes) that are not `ignore_index` are an error;
     `strict=False` reproduces the official histogram instead, which silently leaves such values out of the
-    histogram they fall in (a stray label still counts in the predicted area of its pixel).
+    histogram they fall in (a stray label still counts in the predicted area of its pixel). The official result
+    is float32; this one is exact int64.
     """
     if pred_label.shape != label.shape:
         raise ValueError(f"prediction shape {tuple(pred_label.shape)} != label shape {tuple(label.shape)}")
@@ -75,8 +78,12 @@ def calculate_intersect_and_union(
     return torch.stack([area_intersect, area_pred + area_label - area_intersect, area_pred, area_label])
 
 
-def total_area_to_metrics(areas: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
-    """Per-class metrics (float64, NaN where undefined) from summed areas [4, C]; "aAcc" is a scalar."""
+# The official `metrics` choices and the per-class results each one adds.
+METRIC_GROUPS = {"mIoU": ("mIoU", "acc"), "dice": ("dice", "acc"), "fscore": ("fscore", "precision", "recall")}
+
+
+def _per_class_metrics(areas: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
+    """Every per-class metric (float64, NaN where undefined) from summed areas [4, C]; "aAcc" is a scalar."""
     intersect, union, pred, label = areas.double()
     precision = intersect / pred
     recall = intersect / label
@@ -91,9 +98,36 @@ def total_area_to_metrics(areas: torch.Tensor, beta: float = 1.0) -> dict[str, t
     }
 
 
-def calculate_segmentation_metrics(pre_eval_results, beta: float = 1.0) -> dict[str, torch.Tensor]:
+def _check_metrics(metrics) -> list[str]:
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not set(metrics) <= set(METRIC_GROUPS):
+        raise KeyError(f"metrics {metrics} is not supported; choose from {list(METRIC_GROUPS)}")
+    return metrics
+
+
+def total_area_to_metrics(
+    total_area_intersect: torch.Tensor,
+    total_area_union: torch.Tensor,
+    total_area_pred_label: torch.Tensor,
+    total_area_label: torch.Tensor,
+    metrics=("mIoU",),
+    beta: float = 1,
+) -> dict[str, torch.Tensor]:
+    """Per-class metrics of summed areas (official call form): "aAcc" (a scalar) and, per requested metric,
+    "mIoU" -> mIoU, acc; "dice" -> dice, acc; "fscore" -> fscore, precision, recall. Float64, NaN where undefined."""
+    areas = torch.stack([torch.as_tensor(a) for a in (total_area_intersect, total_area_union, total_area_pred_label,
+                                                      total_area_label)])
+    every = _per_class_metrics(areas, beta)
+    keys = ["aAcc"] + [k for m in _check_metrics(metrics) for k in METRIC_GROUPS[m]]
+    return {k: every[k] for k in dict.fromkeys(keys)}
+
+
+def calculate_segmentation_metrics(pre_eval_results, metrics=("mIoU",), beta: float = 1) -> dict[str, torch.Tensor]:
     """Dataset metrics (official keys `SEGMENTATION_METRICS`, fractions): NaN-mean over classes of the metrics
-    of the summed areas. `pre_eval_results`: one [4, C] area stack, or a sequence / [N, 4, C] stack of them."""
+    of the summed areas. `pre_eval_results`: one [4, C] area stack, or a sequence / [N, 4, C] stack of them.
+    `metrics` is checked against the official choices; every key is returned whatever it holds (the official code
+    needs all three choices to return at all)."""
+    _check_metrics(metrics)
     areas = pre_eval_results
     if not torch.is_tensor(areas):
         areas = torch.stack([torch.as_tensor(a) for a in areas])
@@ -101,7 +135,7 @@ def calculate_segmentation_metrics(pre_eval_results, beta: float = 1.0) -> dict[
         areas = areas.sum(0)
     if areas.ndim != 2 or areas.shape[0] != 4:
         raise ValueError(f"expected areas [4, C] or [N, 4, C], got shape {tuple(areas.shape)}")
-    return {k: v.nanmean() for k, v in total_area_to_metrics(areas, beta).items()}
+    return {k: v.nanmean() for k, v in _per_class_metrics(areas, beta).items()}
 
 
 def format_per_class_table(per_class: dict[str, torch.Tensor], class_names: Sequence[str] | None = None, digits: int = 2) -> str:
@@ -195,12 +229,12 @@ class SegmentationMetrics:
 
     def per_class(self) -> dict[str, torch.Tensor]:
         """Per-class metrics (fractions, NaN for classes absent from prediction and label), CPU float64."""
-        metrics = total_area_to_metrics(self.areas.cpu(), self.beta)
+        metrics = _per_class_metrics(self.areas.cpu(), self.beta)
         metrics.pop("aAcc")
         return metrics
 
     def compute(self) -> dict[str, float]:
-        return {SUMMARY_NAMES[k]: float(v) for k, v in calculate_segmentation_metrics(self.areas.cpu(), self.beta).items()}
+        return {SUMMARY_NAMES[k]: float(v) for k, v in calculate_segmentation_metrics(self.areas.cpu(), beta=self.beta).items()}
 
     def format_table(self, digits: int = 2) -> str:
         return format_per_class_table(self.per_class(), self.class_names, digits)

@@ -24,6 +24,7 @@ from .decoders import resolve_num_classes
 from .eval import RESULTS_FILENAME, evaluate_segmentation_model, format_metrics_table, write_results
 from .inference import AccumulatorBuffer
 from .models.released import SegmentorWeights, head_location
+from .official_config import SEGMENTATION
 from .setup import build_eval_transforms, build_model_with_head, build_val_dataset, inference_settings
 from .train import train_segmentation
 
@@ -32,10 +33,11 @@ logger = logging.getLogger("dinoseg")
 NAME = "segmentation"
 SCHEMA = SegmentationConfig
 DEMO_CONFIG = "demo.yaml"
+OFFICIAL = SEGMENTATION  # the official config schema's segmentation keys
 
 # Released segmentors usable by name (`head=dinov3_vit7b16_ms`): the config they imply.
 HUB_SEGMENTORS = {
-    "dinov3_vit7b16_ms": {"model.dino_hub": "dinov3_vit7b16", "decoder_head.type": "m2f", "decoder_head.hidden_dim": 2048,
+    "dinov3_vit7b16_ms": {"model.dino_hub": "dinov3_vit7b16", "decoder_head.type": "M2F", "decoder_head.hidden_dim": 2048,
                           "decoder_head.num_classes": 150, "decoder_head.backbone_out_layers": "FOUR_EVEN_INTERVALS"},
 }
 
@@ -73,8 +75,8 @@ def run_eval(cfg: DictConfig) -> dict:
     if distributed.is_main_process():  # everything is checked: now the outputs
         prepare_output_dir(save_dir or out)
     distributed.barrier()
-    results = evaluate_segmentation_model(model, loader, inference_settings(cfg), num_classes, device,
-                                          getattr(dataset, "class_names", None), save_dir=save_dir)
+    results = evaluate_segmentation_model(model, loader, device, num_classes=num_classes, settings=inference_settings(cfg),
+                                          class_names=getattr(dataset, "class_names", None), save_dir=save_dir)
     if distributed.is_main_process():
         write_results(results, out)
         print(format_metrics_table(results))
@@ -233,4 +235,4 @@ def main(command: str, cfg: DictConfig, args) -> int:
     return 0
 
 
-__all__ = ["DEMO_CONFIG", "NAME", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
+__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]

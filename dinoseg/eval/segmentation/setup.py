@@ -10,8 +10,8 @@ from ...models.backbones import build_backbone as _build_backbone
 from ...models.frozen import freeze_backbone
 from .decoders import decoder
 from .inference import InferenceMode, InferenceSettings
-from .models import FeatureDecoder, build_segmentation_decoder, build_segmentor_with_head
-from .transforms import make_segmentation_eval_transforms, make_segmentation_train_transforms
+from .models import DecoderType, FeatureDecoder, build_segmentation_decoder, build_segmentor_with_head
+from .transforms import make_segmentation_train_transforms, make_single_view_eval_transforms
 
 
 def build_backbone(cfg: DictConfig) -> torch.nn.Module:
@@ -48,7 +48,7 @@ def build_train_dataset(cfg: DictConfig):
         crop_size=t.train.crop_size,
         flip_prob=t.train.flip_prob,
         cat_max_ratio=t.train.cat_max_ratio,
-        photometric=t.train.photometric_distortion,
+        photometric={"hue_range": tuple(t.train.hue_range)} if t.train.photometric_distortion else False,
         mean=tuple(t.mean),
         std=tuple(t.std),
     )
@@ -57,7 +57,9 @@ def build_train_dataset(cfg: DictConfig):
 
 def build_eval_transforms(cfg: DictConfig):
     t = cfg.transforms
-    return make_segmentation_eval_transforms(img_size=t.eval.img_size, mean=tuple(t.mean), std=tuple(t.std))
+    # With TTA every scale is resized from the original image (the official rule), so the image stays as it is.
+    img_size = None if cfg.eval.use_tta else t.eval.img_size
+    return make_single_view_eval_transforms(img_size, mean=tuple(t.mean), std=tuple(t.std))
 
 
 def build_val_dataset(cfg: DictConfig):
@@ -73,6 +75,8 @@ def inference_settings(cfg: DictConfig) -> InferenceSettings:
         crop_batch_size=e.crop_batch_size,
         tta_ratios=tuple(cfg.transforms.eval.tta_ratios) if e.use_tta else (1.0,),
         use_flip=bool(e.use_tta),
+        small_size=cfg.transforms.eval.img_size if e.use_tta else None,
+        decoder_head_type=DecoderType(cfg.decoder_head.type).value,
     )
 
 

@@ -130,7 +130,8 @@ def train_segmentation(cfg: DictConfig) -> dict:
                 window.clear()
 
             if done % cfg.eval.eval_interval == 0 or done == total:
-                results = evaluate_segmentation_model(model, val_loader, settings, num_classes, device, class_names)
+                results = evaluate_segmentation_model(model, val_loader, device, num_classes=num_classes, settings=settings,
+                                                      class_names=class_names)
                 set_train_mode(train_model)
                 log.write(done, val={k: v for k, v in results.items() if isinstance(v, float)})
                 if rank == 0:

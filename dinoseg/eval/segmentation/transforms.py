@@ -3,14 +3,17 @@
 Every transform is a callable ``(image, label) -> (image, label)`` acting on a ``tv_tensors.Image`` and a
 ``tv_tensors.Mask`` together, built on ``torchvision.transforms.v2.functional``. Labels are only ever moved
 (resized with exact nearest neighbour, cropped, flipped, padded with the ignore index), never interpolated,
-so they keep the values they had. ``reduce_zero_label`` is NOT a transform: datasets return train ids
-already (see ``dinoseg.data.datasets.base``).
+so they keep the values they had. dinoseg's datasets return train ids already (see
+``dinoseg.data.datasets.base``), so its pipelines never reduce labels; the official ``reduce_zero_label``
+argument is there for raw ADE20K-style labels from elsewhere.
 
 Train pipeline (mmseg / DINOv3 order): random short-side resize -> random crop with ``cat_max_ratio`` ->
 horizontal flip -> photometric distortion -> normalisation -> pad to the crop size (image 0 = the mean
-colour after normalisation, label = ignore). Eval pipeline: short-side resize of the image only, then
-normalisation; the label stays at its original resolution, as in the official evaluation: metrics are
-computed at the original label size and predictions are resized to it.
+colour after normalisation, label = ignore). ``make_segmentation_eval_transforms`` is the official evaluation
+transform (a list of views: test-time scales and flips); dinoseg's own pipeline uses
+``make_single_view_eval_transforms`` (short-side resize of the image only, then normalisation; the scales are
+taken at inference). The label stays at its original resolution, as in the official slide evaluation: metrics
+are computed at the original label size and predictions are resized to it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ...data.datasets.base import IGNORE_INDEX
+from ...data.datasets.base import reduce_zero_label as _reduce_zero_label
 from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, rand_bool, rand_uniform, to_pair
+from .inference import tta_image_size
 
 Pair = tuple[torch.Tensor, torch.Tensor]
+# The official defaults, in the 0-255 range (`Normalize` recognises it).
+OFFICIAL_MEAN = tuple(m * 255 for m in IMAGENET_DEFAULT_MEAN)
+OFFICIAL_STD = tuple(s * 255 for s in IMAGENET_DEFAULT_STD)
+INFERENCE_MODES = ("whole", "slide")
 
 
 def to_image_and_mask(image, label) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
@@ -53,46 +62,70 @@ def to_image_and_mask(image, label) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     return tv_tensors.Image(image), tv_tensors.Mask(label.long())
 
 
-def _resize_pair(image, label, size: list[int], resize_label: bool = True):
-    image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+def _resize_label(label: torch.Tensor, size: list[int], mode: InterpolationMode) -> tv_tensors.Mask:
+    """Nearest neighbour sampled at pixel centres, like the bilinear image resize (and like PIL's NEAREST, which the
+    official code resizes with): labels are moved, never blended. Done here because torchvision's mask kernel
+    samples corners (a half-pixel shift) before version 0.2x whatever the mode asked."""
+    if mode not in (InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT):
+        raise ValueError(f"label_interpolation must be NEAREST or NEAREST_EXACT (labels are not blended), got {mode}")
+    out = torch.nn.functional.interpolate(label[None, None].float(), size=list(size), mode="nearest-exact")
+    return tv_tensors.Mask(out[0, 0].to(label.dtype))
+
+
+def _resize_pair(image, label, size: list[int], resize_label: bool = True,
+                 image_interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+                 label_interpolation: InterpolationMode = InterpolationMode.NEAREST):
+    image = F.resize(image, size, interpolation=image_interpolation, antialias=True)
     if resize_label:
-        # NEAREST_EXACT samples at pixel centres like bilinear (align_corners=False), so label and image stay
-        # aligned; plain NEAREST shifts the label by up to half a pixel.
-        label = F.resize(label, size, interpolation=InterpolationMode.NEAREST_EXACT)
+        label = _resize_label(label.as_subclass(torch.Tensor), size, label_interpolation)
     return image, label
 
 
 def rescaled_size(height: int, width: int, img_size, ratio: float = 1.0) -> list[int]:
-    """Output (H, W) keeping the aspect ratio. ``img_size`` int: the short side becomes ``img_size * ratio``;
-    ``(long, short)``: the largest size fitting in ``(long * ratio, short * ratio)`` (mmseg ``keep_ratio``)."""
-    if isinstance(img_size, int):
-        scale = img_size * ratio / min(height, width)
-    else:
-        long_side, short_side = (float(s) * ratio for s in img_size)
-        scale = min(long_side / max(height, width), short_side / min(height, width))
-    return [max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))]
+    """Output (H, W), the official rule: ``img_size`` int: the short side becomes ``int(img_size * ratio)``, the
+    long side keeps the aspect ratio (rounded to nearest); ``(H, W)``: that size exactly (no ratio)."""
+    if not isinstance(img_size, int):
+        return [int(s) for s in img_size]
+    side = max(1, int(img_size * ratio))
+    if height > width:
+        return [max(1, int(side * height / width + 0.5)), side]
+    return [side, max(1, int(side * width / height + 0.5))]
 
 
 class RandomShortSideResize:
-    """Resize image and label so the short side is ``img_size * U(ratio_range)`` (aspect ratio kept)."""
+    """Resize image and label so the short side is ``int(img_size * U(ratio_range))`` (aspect ratio kept), or to
+    ``img_size`` = (H, W) exactly (then without a random ratio, as officially)."""
 
-    def __init__(self, img_size, ratio_range: Sequence[float] | None = None, resize_label: bool = True):
+    def __init__(self, img_size, ratio_range: Sequence[float] | None = None, resize_label: bool = True,
+                 image_interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+                 label_interpolation: InterpolationMode = InterpolationMode.NEAREST):
         if not isinstance(img_size, int):
             img_size = tuple(int(s) for s in img_size)
             if len(img_size) != 2:
-                raise ValueError(f"img_size must be an int (short side) or (long, short), got {img_size}")
+                raise ValueError(f"img_size must be an int (short side) or (height, width), got {img_size}")
         if ratio_range is not None:
             ratio_range = tuple(float(r) for r in ratio_range)
             if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
                 raise ValueError(f"random_img_size_ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
         self.img_size, self.ratio_range, self.resize_label = img_size, ratio_range, resize_label
+        self.image_interpolation, self.label_interpolation = image_interpolation, label_interpolation
 
     def __call__(self, image, label):
-        ratio = 1.0 if self.ratio_range is None else rand_uniform(*self.ratio_range)
+        ratio = 1.0 if self.ratio_range is None or not isinstance(self.img_size, int) else rand_uniform(*self.ratio_range)
         size = rescaled_size(*image.shape[-2:], self.img_size, ratio)
         if list(image.shape[-2:]) == size:
             return image, label
-        return _resize_pair(image, label, size, self.resize_label)
+        return _resize_pair(image, label, size, self.resize_label, self.image_interpolation, self.label_interpolation)
+
+
+class ReduceZeroLabel:
+    """Label 0 -> ``ignore_index``, k -> k - 1 (raw ADE20K-style labels to train ids)."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX):
+        self.ignore_index = ignore_index
+
+    def __call__(self, image, label):
+        return image, tv_tensors.Mask(_reduce_zero_label(label.as_subclass(torch.Tensor), self.ignore_index))
 
 
 class RandomCropCatMax:
@@ -140,24 +173,26 @@ class RandomHorizontalFlip:
 
 
 class PhotoMetricDistortion:
-    """mmseg's photometric distortion on a float image in [0, 1]; each step applied with probability 1/2:
-    brightness (additive, ``brightness_delta`` / 255), contrast (before or after the colour steps, at random),
-    saturation, hue (shift of ``hue_delta`` / 180 of the colour circle: 18 -> +-36 degrees, not the
-    full-circle +-0.5 of the official DINOv3 code). The label is untouched."""
+    """The official photometric distortion on a float image in [0, 1]; each step applied with probability 1/2:
+    brightness (additive, ``brightness_delta`` / 255), contrast (multiplicative; before or after the colour steps,
+    at random), saturation, hue (a shift drawn from ``hue_range``, in turns of the colour circle: the official
+    (-0.5, 0.5) reaches any hue; mmseg's 18 / 180 is (-0.1, 0.1)). The label is untouched. Values are not rounded
+    to uint8 between the steps (the official code works on uint8 arrays)."""
 
     def __init__(
         self,
         brightness_delta: float = 32,
         contrast_range: Sequence[float] = (0.5, 1.5),
         saturation_range: Sequence[float] = (0.5, 1.5),
-        hue_delta: float = 18,
+        hue_range: Sequence[float] = (-0.5, 0.5),
     ):
-        if not 0 <= hue_delta <= 90:
-            raise ValueError(f"hue_delta must be in [0, 90] (degrees / 2, as OpenCV), got {hue_delta}")
+        hue_range = tuple(float(h) for h in hue_range)
+        if len(hue_range) != 2 or not -0.5 <= hue_range[0] <= hue_range[1] <= 0.5:
+            raise ValueError(f"hue_range must be (low, high) with -0.5 <= low <= high <= 0.5, got {hue_range}")
         self.brightness = float(brightness_delta) / 255.0
         self.contrast = tuple(float(c) for c in contrast_range)
         self.saturation = tuple(float(s) for s in saturation_range)
-        self.hue = float(hue_delta) / 180.0
+        self.hue = hue_range
 
     def __call__(self, image, label):
         if not image.is_floating_point():
@@ -166,13 +201,13 @@ class PhotoMetricDistortion:
             image = (image + rand_uniform(-self.brightness, self.brightness)).clamp_(0.0, 1.0)
         contrast_first = rand_bool(0.5)
         if contrast_first and rand_bool(0.5):
-            image = F.adjust_contrast(image, rand_uniform(*self.contrast))
+            image = (image * rand_uniform(*self.contrast)).clamp_(0.0, 1.0)
         if rand_bool(0.5):
             image = F.adjust_saturation(image, rand_uniform(*self.saturation))
-        if self.hue > 0 and rand_bool(0.5):
-            image = F.adjust_hue(image, rand_uniform(-self.hue, self.hue))
+        if self.hue != (0.0, 0.0) and rand_bool(0.5):
+            image = F.adjust_hue(image, rand_uniform(*self.hue))
         if not contrast_first and rand_bool(0.5):
-            image = F.adjust_contrast(image, rand_uniform(*self.contrast))
+            image = (image * rand_uniform(*self.contrast)).clamp_(0.0, 1.0)
         return image, label
 
 
@@ -233,23 +268,32 @@ class SegmentationTransform:
 
 
 def make_segmentation_train_transforms(
-    img_size=512,
-    random_img_size_ratio_range: Sequence[float] | None = (0.5, 2.0),
-    crop_size=512,
-    flip_prob: float = 0.5,
+    *,
+    img_size=None,
+    image_interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    label_interpolation: InterpolationMode = InterpolationMode.NEAREST,
+    random_img_size_ratio_range: Sequence[float] | None = None,
+    crop_size=None,
+    flip_prob: float = 0.0,
+    reduce_zero_label: bool = False,
+    mean: Sequence[float] = OFFICIAL_MEAN,
+    std: Sequence[float] = OFFICIAL_STD,
     cat_max_ratio: float = 0.75,
     photometric: bool | dict = True,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ignore_index: int = IGNORE_INDEX,
 ) -> SegmentationTransform:
-    """Training augmentation. ``img_size``: short side before jitter (None = keep the size); ``crop_size``:
-    int or (H, W), None = no crop / pad; ``photometric``: True, False or ``PhotoMetricDistortion`` kwargs."""
+    """Training augmentation (official arguments and defaults, then dinoseg's). ``img_size``: short side before
+    the random ratio, or (H, W) exactly (None = keep the size); ``crop_size``: int or (H, W), None = no crop / pad;
+    ``reduce_zero_label``: map raw labels (0 = ignored) to train ids; ``cat_max_ratio``: see `RandomCropCatMax`;
+    ``photometric``: True (the official `PhotoMetricDistortion`), False, or its keyword arguments."""
     steps: list[Callable] = []
     if img_size is not None:
-        steps.append(RandomShortSideResize(img_size, random_img_size_ratio_range))
+        steps.append(RandomShortSideResize(img_size, random_img_size_ratio_range, True, image_interpolation,
+                                           label_interpolation))
     elif random_img_size_ratio_range is not None:
         raise ValueError("random_img_size_ratio_range needs img_size")
+    if reduce_zero_label:
+        steps.append(ReduceZeroLabel(ignore_index))
     if crop_size is not None:
         steps.append(RandomCropCatMax(crop_size, cat_max_ratio, ignore_index=ignore_index))
     if flip_prob > 0:
@@ -263,15 +307,76 @@ def make_segmentation_train_transforms(
     return SegmentationTransform(steps)
 
 
-def make_segmentation_eval_transforms(
+def make_single_view_eval_transforms(
     img_size=None,
+    *,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> SegmentationTransform:
-    """Evaluation: resize the IMAGE so its short side is ``img_size`` (None = keep) and normalise it. The label
-    is returned unchanged, at its original resolution: predictions are resized to it for the metrics."""
+    """dinoseg's evaluation transform: resize the IMAGE so its short side is ``img_size`` (None = keep) and
+    normalise it; returns one image tensor. The label is returned unchanged, at its original resolution:
+    predictions are resized to it for the metrics (test-time scales are taken at inference)."""
     steps: list[Callable] = []
     if img_size is not None:
         steps.append(RandomShortSideResize(img_size, None, resize_label=False))
     steps += [ToFloat(), Normalize(mean, std)]
     return SegmentationTransform(steps)
+
+
+class EvalViews:
+    """The official evaluation transform: ``(image, label) -> (views, label)`` with ``views`` a list of normalised
+    image tensors (see `make_segmentation_eval_transforms`)."""
+
+    def __init__(self, img_size, inference_mode: str, image_interpolation: InterpolationMode,
+                 label_interpolation: InterpolationMode, use_tta: bool, tta_ratios: Sequence[float],
+                 mean: Sequence[float], std: Sequence[float]):
+        if inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference_mode {inference_mode!r}; expected one of {list(INFERENCE_MODES)}")
+        if img_size is not None and not isinstance(img_size, int):
+            img_size = tuple(int(s) for s in img_size)
+        self.img_size, self.inference_mode, self.use_tta = img_size, inference_mode, use_tta
+        self.tta_ratios = tuple(float(r) for r in tta_ratios)
+        self.image_interpolation, self.label_interpolation = image_interpolation, label_interpolation
+        self.to_float, self.normalize = ToFloat(), Normalize(mean, std)
+
+    def _resize(self, image, label, size, resize_label: bool):
+        return _resize_pair(image, label, list(size), resize_label, self.image_interpolation, self.label_interpolation)
+
+    def __call__(self, image, label) -> tuple[list[torch.Tensor], torch.Tensor]:
+        image, label = to_image_and_mask(image, label)
+        height, width = image.shape[-2:]
+        if self.img_size is None:
+            views = [image]
+        elif not isinstance(self.img_size, int):  # a fixed size: image and label, whatever the mode
+            image, label = self._resize(image, label, self.img_size, True)
+            views = [image]
+        elif self.use_tta:  # every scale from the original image; the label keeps its size
+            views = [self._resize(image, label, tta_image_size(height, width, self.img_size, r), False)[0]
+                     for r in self.tta_ratios]
+        else:
+            image, label = self._resize(image, label, rescaled_size(height, width, self.img_size),
+                                        self.inference_mode == "whole")
+            views = [image]
+        if self.use_tta:
+            views += [F.horizontal_flip(v) for v in views]
+        views = [self.normalize(*self.to_float(v, label))[0].as_subclass(torch.Tensor) for v in views]
+        return views, label.as_subclass(torch.Tensor).long()
+
+
+def make_segmentation_eval_transforms(
+    *,
+    img_size=None,
+    inference_mode: str = "whole",
+    image_interpolation: InterpolationMode = InterpolationMode.BILINEAR,
+    label_interpolation: InterpolationMode = InterpolationMode.NEAREST,
+    use_tta: bool = False,
+    tta_ratios: Sequence[float] = (1.0,),
+    mean: Sequence[float] = OFFICIAL_MEAN,
+    std: Sequence[float] = OFFICIAL_STD,
+) -> EvalViews:
+    """The official evaluation transform: ``(image, label) -> (views, label)``, ``views`` a list of normalised
+    float images. ``img_size`` int: the short side (``use_tta``: one view per ratio of ``tta_ratios``, the official
+    TTA size rule `tta_image_size`, from the original image), (H, W): that size; ``inference_mode`` "whole" also
+    resizes the label (not with TTA), "slide" keeps it at its original size. ``use_tta`` appends the horizontal
+    flip of every view. For `evaluate_segmentation_model`'s official form."""
+    return EvalViews(img_size, inference_mode, image_interpolation, label_interpolation, use_tta, tta_ratios, mean, std)

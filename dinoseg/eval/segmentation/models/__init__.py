@@ -2,6 +2,8 @@
 
 import contextlib
 import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from enum import Enum
 
 import torch
@@ -36,33 +38,41 @@ class DecoderType(str, Enum):
 class FeatureDecoder(nn.Module):
     """`segmentation_model = ModuleList([backbone_side, head])`, so keys read `segmentation_model.{0,1}.*`.
 
-    Mixed precision follows the input: autocast runs on `x.device.type` with `autocast_dtype`, and is off for
-    float32, so the same module works on CPU and CUDA.
+    Mixed precision: `autocast_ctx` (official argument) is a callable returning the context every forward and
+    predict runs in, e.g. `functools.partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)`.
+    Without it, `autocast_dtype` is used on the input's device (float32: off), so the same module works on CPU and
+    CUDA; that is what `build_segmentation_decoder` builds.
     """
 
-    def __init__(self, segmentation_model: nn.ModuleList, autocast_dtype: torch.dtype = torch.float32):
+    def __init__(self, segmentation_model: nn.ModuleList, autocast_ctx: Callable[[], ContextManager] | None = None, *,
+                 autocast_dtype: torch.dtype | None = None):
         super().__init__()
         if len(segmentation_model) != 2:
             raise ValueError(
                 f"FeatureDecoder: expected [backbone_side, head], got {len(segmentation_model)} modules"
             )
+        if autocast_ctx is not None and autocast_dtype is not None:
+            raise ValueError("FeatureDecoder: pass autocast_ctx or autocast_dtype, not both")
         self.segmentation_model = segmentation_model
-        self.autocast_dtype = autocast_dtype
+        self.autocast_ctx = autocast_ctx
+        self.autocast_dtype = torch.float32 if autocast_dtype is None else autocast_dtype
 
-    def autocast_ctx(self, x: torch.Tensor):
+    def _autocast(self, x: torch.Tensor) -> ContextManager:
+        if self.autocast_ctx is not None:
+            return self.autocast_ctx()
         # Half weights (stored with `cast_weights`, or the whole segmentor cast with `.to`) imply autocast in
         # their dtype, so float32 inputs and the float32 parts (norms, pixel decoder) work with them.
         return weights_autocast(self, x.device.type, self.autocast_dtype)
 
     def forward(self, x: torch.Tensor):
         """Training outputs of the head (linear: logits on the patch grid; m2f: the head's training dict)."""
-        with self.autocast_ctx(x):
+        with self._autocast(x):
             return self.segmentation_model[1](self.segmentation_model[0](x))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, rescale_to=(512, 512)):
         """Inference outputs resized to `rescale_to` (linear: logits; m2f: `pred_logits` / `pred_masks` dict)."""
-        with self.autocast_ctx(x):
+        with self._autocast(x):
             features = self.segmentation_model[0](x)
             return self.segmentation_model[1].predict(features, rescale_to=tuple(rescale_to))
 

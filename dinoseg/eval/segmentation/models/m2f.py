@@ -8,6 +8,7 @@ Defaults are the official head's; changing a shape breaks the released checkpoin
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .backbone.convnext_pyramid import ConvNeXtPyramid
@@ -26,6 +27,9 @@ class AdapterOptions:
     deform_ratio: float = 0.5  # value projection width / embed_dim in the extractors
     use_extra_extractor: bool = True  # two more extractors on the last interaction
     with_cp: bool = True  # gradient checkpointing of the extractors (less memory, more compute)
+    # Autocast dtype of the backbone alone ("bfloat16": the official adapter's hard-coded choice); None: the
+    # segmentor's precision.
+    backbone_dtype: str | None = None
 
 
 @dataclass
@@ -37,6 +41,14 @@ class Mask2FormerOptions:
     enc_layers: int = 6
     dec_layers: int = 9
     pixel_decoder_nheads: int = 16
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"adapter backbone_dtype must be bfloat16, float16, float32 or None, got {name!r}")
+    return getattr(torch, name)
 
 
 def build_m2f_modules(
@@ -75,12 +87,14 @@ def build_m2f_modules(
             deform_ratio=a.deform_ratio,
             use_extra_extractor=a.use_extra_extractor,
             with_cp=a.with_cp,
+            backbone_dtype=_dtype(a.backbone_dtype),
         )
         in_channels = backbone_side.embed_dim
     head = Mask2FormerHead(
-        in_channels=in_channels,
+        in_channels,
         hidden_dim=hidden_dim,
         num_classes=num_classes,
+        ignore_value=255,
         num_queries=o.num_queries,
         nheads=o.nheads,
         dim_feedforward=o.dim_feedforward,

@@ -15,13 +15,14 @@ class SegmentorWeights(Enum):
 M2F_HEAD_HASHES = {"dinov3_vit7b16": "bf307cb1"}
 
 
-def official_m2f_head_filename(backbone_name: str, weights: SegmentorWeights = SegmentorWeights.ADE20K) -> str:
-    return f"{backbone_name}_{weights.value.lower()}_m2f_head-{M2F_HEAD_HASHES[backbone_name]}.pth"
+def official_m2f_head_filename(backbone_name: str, weights: SegmentorWeights = SegmentorWeights.ADE20K,
+                               file_hash: str | None = None) -> str:
+    return f"{backbone_name}_{weights.value.lower()}_m2f_head-{file_hash or M2F_HEAD_HASHES[backbone_name]}.pth"
 
 
-def head_location(backbone_name: str, weights, released: bool) -> str:
+def head_location(backbone_name: str, weights, released: bool, file_hash: str | None = None) -> str:
     """Where a head checkpoint is: `weights` as given, or a `SegmentorWeights` member looked up in the torch hub
-    cache when `released` (the backbone has such a released head)."""
+    cache when `released` (the backbone has such a released head; `file_hash`: another hash in its file name)."""
     if weights is None:
         raise ValueError(f"{backbone_name} segmentor: pretrained=True needs weights=<path to the head checkpoint>")
     if isinstance(weights, str) and weights.upper() in SegmentorWeights.__members__:
@@ -30,7 +31,7 @@ def head_location(backbone_name: str, weights, released: bool) -> str:
         return str(weights)
     if not released:
         raise ValueError(f"{backbone_name} segmentor: there is no released {weights.value} head for it; pass weights=<path>")
-    filename = official_m2f_head_filename(backbone_name, weights)
+    filename = official_m2f_head_filename(backbone_name, weights, file_hash)
     found: Path = find_in_hub_cache(filename, f"the official {weights.value} Mask2Former head of {backbone_name}",
                                     f"{DINOV3_BASE_URL}/{backbone_name}/{filename}")
     return str(found)

@@ -8,12 +8,13 @@ the SPM features plus the resized ViT features, batch-normalised.
 Differences from the official code, none of which changes the outputs on inputs it supports:
 - inputs whose sides are not multiples of 32 (and of the patch size) are zero-padded at the bottom/right and
   the outputs cropped back to ``ceil(side / stride)``; the official code fails on them;
-- the backbone runs under the caller's autocast instead of a hard-coded CUDA bfloat16 one, and stays in eval
-  mode when the adapter is put in training mode;
+- the backbone runs under the caller's autocast instead of a hard-coded CUDA bfloat16 one (``backbone_dtype``
+  restores that), and stays in eval mode when the adapter is put in training mode;
 - BatchNorm is plain ``nn.BatchNorm2d`` (same state-dict keys as ``SyncBatchNorm``; convert with
   ``nn.SyncBatchNorm.convert_sync_batchnorm`` for multi-GPU training).
 """
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -233,6 +234,7 @@ class DINOv3_Adapter(nn.Module):
         backbone: a DINOv3 ViT (``get_intermediate_layers``, ``embed_dim``, ``patch_size``); frozen here.
         interaction_indexes: backbone blocks read by the interaction blocks (the last one gets the extra
             extractors).
+        pretrain_size, init_values: official arguments without an effect (kept as attributes).
         conv_inplane: SPM width.
         n_points, deform_num_heads, deform_ratio: deformable attention of the extractors.
         drop_path_rate: stochastic depth on the extractors' ConvFFN branch (training only).
@@ -241,6 +243,8 @@ class DINOv3_Adapter(nn.Module):
         use_extra_extractor: two extra extractors on the last interaction block.
         with_cp: gradient checkpointing of the extractors while training.
         norm_layer: 2D norm of the SPM and of the four outputs.
+        backbone_dtype: autocast dtype of the backbone alone, whatever the caller's (the official adapter hard-codes
+            bfloat16 on CUDA; float32: no autocast); None: the caller's autocast.
 
     ``forward(x)`` returns ``{"1": stride 4, "2": stride 8, "3": stride 16, "4": stride 32}``, each
     ``[B, embed_dim, ceil(H / stride), ceil(W / stride)]``.
@@ -250,20 +254,27 @@ class DINOv3_Adapter(nn.Module):
         self,
         backbone: nn.Module,
         interaction_indexes: Sequence[int] = (9, 19, 29, 39),
+        pretrain_size: int = 512,
         conv_inplane: int = 64,
         n_points: int = 4,
         deform_num_heads: int = 16,
         drop_path_rate: float = 0.3,
+        init_values: float = 0.0,
         with_cffn: bool = True,
         cffn_ratio: float = 0.25,
         deform_ratio: float = 0.5,
         add_vit_feature: bool = True,
         use_extra_extractor: bool = True,
         with_cp: bool = True,
+        *,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        backbone_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.backbone = freeze_backbone(backbone)
+        # Official arguments that change nothing there either (no position embedding, no layer scale).
+        self.pretrain_size, self.init_values = (pretrain_size, pretrain_size), init_values
+        self.backbone_dtype = backbone_dtype
         n_blocks = getattr(backbone, "n_blocks", None)
         bad = [i for i in interaction_indexes if n_blocks is not None and not 0 <= i < n_blocks]
         if bad or len(interaction_indexes) == 0:
@@ -357,7 +368,11 @@ class DINOv3_Adapter(nn.Module):
             [level.flatten(2).transpose(1, 2) + self.level_embed[i] for i, level in enumerate((c2, c3, c4))], dim=1
         )
 
-        with torch.no_grad():  # frozen backbone: no autograd graph
+        autocast = contextlib.nullcontext()
+        if self.backbone_dtype is not None:  # float32: autocast off for the backbone
+            low = self.backbone_dtype != torch.float32
+            autocast = torch.autocast(x.device.type, dtype=self.backbone_dtype if low else torch.bfloat16, enabled=low)
+        with torch.no_grad(), autocast:  # frozen backbone: no autograd graph
             layers = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, norm=True)
 
         vit_maps = []

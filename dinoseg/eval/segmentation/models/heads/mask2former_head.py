@@ -14,9 +14,12 @@ class Mask2FormerHead(nn.Module):
     """Mask-classification head on the ViT-Adapter pyramid ``{"1".."4"}`` (strides 4, 8, 16, 32).
 
     Args:
-        in_channels: channels of the four input levels (an int is used for all four).
+        input_shape: the four input levels: the official ``{"1": [channels, height, width, stride], ...}`` (only
+            the channels are read), their channels, or one channel count for all four.
         hidden_dim: width of the pixel decoder, mask features and transformer decoder.
         num_classes: classes; ``pred_logits`` has ``num_classes + 1`` columns, the last meaning "no object".
+        loss_weight, ignore_value, transformer_in_feature: official arguments, kept as attributes (the official
+            head does not use them either; training takes its loss settings from `Mask2FormerLoss`).
         num_queries, nheads, dim_feedforward, dec_layers: transformer decoder sizes.
         enc_layers, pixel_decoder_nheads: deformable pixel-decoder encoder sizes (it shares
             ``dim_feedforward``).
@@ -26,9 +29,13 @@ class Mask2FormerHead(nn.Module):
 
     def __init__(
         self,
-        in_channels: int | Sequence[int],
+        input_shape: dict | int | Sequence[int],
         hidden_dim: int = 2048,
         num_classes: int = 150,
+        loss_weight: float = 1.0,
+        ignore_value: int = -1,
+        transformer_in_feature: str = "multi_scale_pixel_decoder",
+        *,
         num_queries: int = 100,
         nheads: int = 16,
         dim_feedforward: int = 4096,
@@ -37,8 +44,14 @@ class Mask2FormerHead(nn.Module):
         pixel_decoder_nheads: int = 16,
     ):
         super().__init__()
-        in_channels = [in_channels] * 4 if isinstance(in_channels, int) else list(in_channels)
+        if isinstance(input_shape, dict):  # ShapeSpecs by level name, ordered by stride as officially
+            in_channels = [spec[0] for _, spec in sorted(input_shape.items(), key=lambda item: item[1][-1])]
+        else:
+            in_channels = [input_shape] * 4 if isinstance(input_shape, int) else list(input_shape)
+        if len(in_channels) != 4:
+            raise ValueError(f"Mask2FormerHead: expected four input levels, got {len(in_channels)}")
         self.num_classes = num_classes
+        self.loss_weight, self.ignore_value, self.transformer_in_feature = loss_weight, ignore_value, transformer_in_feature
         self.pixel_decoder = MSDeformAttnPixelDecoder(
             in_channels,
             conv_dim=hidden_dim,
@@ -66,8 +79,8 @@ class Mask2FormerHead(nn.Module):
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
         return self.predictor(multi_scale_features, mask_features, mask)
 
-    def predict(self, features: dict[str, torch.Tensor], rescale_to: Sequence[int] = (512, 512)) -> dict:
+    def predict(self, features: dict[str, torch.Tensor], mask=None, rescale_to: Sequence[int] = (512, 512)) -> dict:
         """``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, *rescale_to]}`` (masks are logits)."""
-        out = self.forward(features)
+        out = self.forward(features, mask)
         masks = F.interpolate(out["pred_masks"], size=tuple(rescale_to), mode="bilinear", align_corners=False)
         return {"pred_logits": out["pred_logits"], "pred_masks": masks}

@@ -179,6 +179,7 @@ class MSDeformAttn(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         ratio: float = 1.0,
+        *,
         impl: str = "auto",
     ):
         super().__init__()
