@@ -1,4 +1,4 @@
-"""`dinoseg` command line: train / eval / predict / demo / check-data.
+"""`dinoseg` command line: train / eval / predict / export / demo / check-data.
 
 Every subcommand takes YAML config files and `key=value` overrides (OmegaConf dotlist), e.g.
     dinoseg train configs/ade20k_linear.yaml model.pretrained_weights=/w/vitl16.pth datasets.root=/data/ade
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides (head=PATH required)")
     p.add_argument("--input", "-i", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--onnx", metavar="FILE", help="run this exported segmentor (no config: settings from the file)")
+    p = sub.add_parser("export", help="export a trained segmentor (head=PATH) to one ONNX file")
+    p.add_argument("config", nargs="*", help="YAML files and key=value overrides (head=PATH required)")
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="fixed input size (default: dynamic)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch exports)")
     p = sub.add_parser("check-data", help="walk a dataset once and report problems + class histogram")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides")
     p.add_argument("--split", choices=["train", "val"], default="train")
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data.io import DatasetError
     from .eval.segmentation.config import ConfigError
+    from .eval.segmentation.export import ExportError
     from .eval.segmentation.train import TrainingError
     from .hub.checkpoint import CheckpointError
 
@@ -75,8 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             from .eval.segmentation.run import run_predict
 
-            written = run_predict(_config(args.config), args.input, args.output)
+            if args.onnx and args.config:
+                raise ConfigError(f"predict --onnx takes its settings from {args.onnx}; drop {' '.join(args.config)}")
+            cfg = None if args.onnx else _config(args.config)
+            written = run_predict(cfg, args.input, args.output, onnx=args.onnx)
             print(f"wrote {len(written)} files to {args.output}")
+        elif args.command == "export":
+            from .eval.segmentation.export import run_export
+
+            print(f"wrote {run_export(_config(args.config), args.output, args.size, args.opset)}")
         elif args.command == "check-data":
             from .data import make_dataset
             from .data.check import check_dataset, format_report
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             report = check_dataset(make_dataset(descriptor, strict=False), progress=True)
             print(format_report(report))
             return 0 if not report.problems else 1
-    except (ConfigError, CheckpointError, DatasetError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, ExportError, FileNotFoundError) as e:
         print(f"dinoseg: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:

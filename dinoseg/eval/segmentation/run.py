@@ -119,19 +119,27 @@ def list_images(inputs: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num_classes=None) -> list[Path]:
-    """Colour masks (`<name>_mask.png`), overlays (`<name>_overlay.png`) and raw class ids (`<name>_label.png`)."""
-    device = distributed.setup(cfg.device)
+def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=None, num_classes=None, *,
+                onnx: str | None = None) -> list[Path]:
+    """Colour masks (`<name>_mask.png`), overlays (`<name>_overlay.png`) and raw class ids (`<name>_label.png`).
+    `onnx`: an exported segmentor run by onnxruntime on the CPU, with the settings in its metadata (no `cfg`)."""
+    device = torch.device("cpu") if onnx else distributed.setup(cfg.device)
     images = list_images(inputs)
     out = prepare_output_dir(output)
-    if model is None:
-        model, num_classes = load_segmentor(cfg, cfg.load_from, device)
-    palette, _ = _dataset_palette(cfg)
+    if onnx:
+        from .onnx_runtime import OnnxSegmentor
+
+        model = OnnxSegmentor(onnx)
+        num_classes, palette = model.num_classes, model.palette
+        transform, kwargs = model.eval_transforms(), model.inference_kwargs()
+    else:
+        if model is None:
+            model, num_classes = load_segmentor(cfg, cfg.load_from, device)
+        palette, _ = _dataset_palette(cfg)
+        transform, kwargs = build_eval_transforms(cfg), inference_kwargs(cfg)
     if not palette or len(palette) < num_classes:
         palette = default_palette(num_classes)
     lut = np.array(palette, dtype=np.uint8)
-    transform = build_eval_transforms(cfg)
-    kwargs = inference_kwargs(cfg)
     written = []
     for path in images:
         raw = load_image(str(path))  # uint8 [3, H, W], any mode -> RGB
@@ -139,7 +147,7 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num
         image, _ = transform(raw, dummy)
         image = image.unsqueeze(0).to(device)
         if kwargs["inference_mode"] == "whole":
-            kwargs["crop_size"] = whole_image_size(image, model)
+            kwargs["crop_size"] = model.whole_image_size(image) if onnx else whole_image_size(image, model)
         probs = make_tta_inference(image, model, rescale_to=tuple(raw.shape[-2:]), **kwargs)
         pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
         colour = lut[pred]
