@@ -18,6 +18,7 @@ from dinoseg.eval.segmentation.config import load_config
 from dinoseg.eval.segmentation.export import ExportError, deployment_metadata, export_onnx
 from dinoseg.eval.segmentation.inference import _class_scores, make_inference, make_tta_inference
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
+from dinoseg.eval.segmentation.models.utils.ms_deform_attn import MSDeformAttn
 from dinoseg.eval.segmentation.onnx_runtime import OnnxSegmentor
 from dinoseg.eval.segmentation.setup import build_model
 from dinoseg.eval.segmentation.transforms import make_segmentation_eval_transforms
@@ -34,9 +35,9 @@ METADATA = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), resize_short_side=64
                 crop_size=48, stride=32, class_names=NAMES, palette=PALETTE)
 
 
-def linear_segmentor(**vit_options) -> torch.nn.Module:
+def linear_segmentor(use_cls_token: bool = False, **vit_options) -> torch.nn.Module:
     model = build_segmentation_decoder(DinoVisionTransformer(**{**TINY_VIT, **vit_options}), "FOUR_LAST",
-                                       decoder_type="linear", num_classes=5)
+                                       decoder_type="linear", num_classes=5, use_cls_token=use_cls_token)
     head = model.segmentation_model[1]
     with torch.no_grad():  # a head with decisive logits and non-trivial BatchNorm statistics
         head.conv.weight.normal_(0, 1.0)
@@ -112,8 +113,12 @@ def test_inference_functions_run_unchanged_on_the_onnx_segmentor(linear):
 
 
 def test_fixed_size_export(tmp_path):
-    model = linear_segmentor()
+    # Also: class tokens in the head, and a bfloat16 training precision (the graph is float32; the model keeps it).
+    model = linear_segmentor(use_cls_token=True)
+    model.autocast_dtype = torch.bfloat16
     path = export_onnx(model, tmp_path / "fixed.onnx", image_size=(48, 48), metadata=deployment_metadata(**METADATA))
+    assert model.autocast_dtype == torch.bfloat16 and not model.training
+    model.autocast_dtype = torch.float32
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[1:] == [3, 48, 48]
     assert isinstance(session.get_inputs()[0].shape[0], str)  # the batch stays dynamic
@@ -252,11 +257,29 @@ def m2f(tmp_path_factory):
     return model, folder / "m2f.onnx", config
 
 
+def test_export_restores_the_deformable_attention_implementation(tmp_path, monkeypatch):
+    # Exported through grid_sample (embedding_bag has no ONNX form); the model keeps its own choice after.
+    cfg = load_config([], M2F)
+    model = build_model(cfg, 6).eval()
+    attns = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+    seen = []
+
+    def fake_write(module, *args):
+        seen.extend(m.impl for m in attns)
+        raise ExportError("stop")
+
+    monkeypatch.setattr(export_module, "_write", fake_write)
+    with pytest.raises(ExportError, match="stop"):
+        export_onnx(model, tmp_path / "x.onnx", metadata=deployment_metadata(**METADATA))
+    assert attns and set(seen) == {"grid_sample"} and {m.impl for m in attns} == {"auto"}
+
+
 @pytest.mark.slow
 def test_m2f_export_matches_pytorch_on_two_sizes(m2f):
     model, path, _ = m2f
     onnx_model = OnnxSegmentor(path)
     assert onnx_model.decoder == "m2f" and onnx_model.input_size is None
+    assert onnx_model.metadata["outputs"] == ["class_scores", "pred_logits", "pred_masks"]
     for shape, size in (((2, 3, 64, 96), (64, 96)), ((1, 3, 80, 48), (80, 48)), ((1, 3, 80, 48), (61, 93))):
         # 80 x 48 is padded to 96 x 64 inside the graph (the adapter needs multiples of 32)
         x = torch.randn(shape)
