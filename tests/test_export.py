@@ -165,6 +165,8 @@ def test_a_graph_that_fails_verification_is_never_written(tmp_path, monkeypatch)
         (linear_segmentor, dict(image_size=(48, 40)), r"image_size \[48, 40\]: need two positive multiples of the patch"),
         (linear_segmentor, dict(image_size=(64, 64)), r"fixed-size graph for slide inference must take the 48 x 48 crops"),
         (linear_segmentor, dict(metadata={"mean": [0, 0, 0]}), "metadata lacks"),
+        (linear_segmentor, dict(metadata=deployment_metadata(class_names=["a", "b"])),
+         "metadata class_names has 2 entries; the segmentor has 5 classes"),
         (linear_segmentor, dict(metadata={**deployment_metadata(), "note": object()}), "JSON-serialisable"),
     ],
 )

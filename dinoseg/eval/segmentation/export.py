@@ -371,8 +371,11 @@ def export_onnx(
             raise ExportError(f"image_size {list(image_size)}: a fixed-size graph for slide inference must take the "
                               f"{crop[0]} x {crop[1]} crops (crop_size)")
     head = segmentor.segmentation_model[1]
-    metadata.update(format=FORMAT, decoder=decoder, size_multiple=multiple, opset=opset,
-                    num_classes=head.num_classes if decoder == "m2f" else head.n_output_channels,
+    num_classes = head.num_classes if decoder == "m2f" else head.n_output_channels
+    for key in ("class_names", "palette"):
+        if metadata[key] is not None and len(metadata[key]) != num_classes:
+            raise ExportError(f"metadata {key} has {len(metadata[key])} entries; the segmentor has {num_classes} classes")
+    metadata.update(format=FORMAT, decoder=decoder, size_multiple=multiple, opset=opset, num_classes=num_classes,
                     outputs=[SCORES, *HEAD_OUTPUTS[decoder]])
     path = Path(path)
     with _export_mode(segmentor):
