@@ -150,7 +150,7 @@ def test_a_graph_that_fails_verification_is_never_written(tmp_path, monkeypatch)
     path.write_bytes(b"previous export")
     monkeypatch.setattr(export_module, "VERIFY_TOLERANCE", -1.0)  # no difference is small enough
     with pytest.raises(ExportError, match="output class_scores: onnxruntime differs from PyTorch"):
-        export_onnx(linear_segmentor(), path, metadata=deployment_metadata(**METADATA))
+        export_onnx(linear_segmentor(), path, image_size=(48, 48), metadata=deployment_metadata(**METADATA))
     assert path.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["segmentor.onnx"]  # no temporary folder left behind
 
@@ -272,7 +272,7 @@ def test_export_restores_the_deformable_attention_implementation(tmp_path, monke
 
     monkeypatch.setattr(export_module, "_write", fake_write)
     with pytest.raises(ExportError, match="stop"):
-        export_onnx(model, tmp_path / "x.onnx", metadata=deployment_metadata(**METADATA))
+        export_onnx(model, tmp_path / "x.onnx")
     assert attns and set(seen) == {"grid_sample"} and {m.impl for m in attns} == {"auto"}
 
 

@@ -208,7 +208,9 @@ def _size_multiple(segmentor: FeatureDecoder) -> int:
 
 
 def _check_float32(segmentor: nn.Module) -> None:
-    """onnxruntime's CPU kernels lack bfloat16 / float16 versions of ops such as Sin or LayerNormalization."""
+    """Half-precision tensors cannot be exported faithfully: onnxruntime's CPU kernels lack bfloat16 versions of
+    ops such as Sin, and the exporter stores the Python scalars of a bfloat16 expression (e.g. RoPE's 2 * pi) as
+    bfloat16 constants, which eager PyTorch never rounds."""
     for kind, named in (("parameter", segmentor.named_parameters()), ("buffer", segmentor.named_buffers())):
         for name, t in named:
             if t.is_floating_point() and t.dtype != torch.float32:

@@ -345,10 +345,11 @@ class DINOv3_Adapter(nn.Module):
         B, _, H, W = x.shape
         d = self.size_divisor
         # Pad and crop unconditionally (a no-op for aligned sizes): without a branch on the size, an exported
-        # graph (torch.export with symbolic sizes) pads whatever its input size is. Sizes are rounded with
-        # non-negative integer division only: ONNX divides integers towards zero, not towards minus infinity.
-        x = F.pad(x, (0, (d - W % d) % d, 0, (d - H % d) % d))
-        h, w = x.shape[-2:]
+        # graph (torch.export with symbolic sizes) pads whatever its input size is. Sizes are rounded up with
+        # non-negative integer division only (ONNX divides integers towards zero, not towards minus infinity),
+        # written as multiples of d so that the symbolic level sizes below simplify.
+        h, w = (H + d - 1) // d * d, (W + d - 1) // d * d
+        x = F.pad(x, (0, w - W, 0, h - H))
         c_shapes = [(h // s, w // s) for s in QUERY_STRIDES]
         x_shape = (h // self.patch_size, w // self.patch_size)
         reference_points = get_reference_points(c_shapes, device=x.device)
