@@ -1,4 +1,4 @@
-"""`dinoseg` command line: train / eval / predict / demo / check-data, for the task a config names.
+"""`dinoseg` command line: train / eval / predict / export / demo / check-data, for the task a config names.
 
 Every subcommand takes YAML config files and `key=value` overrides (OmegaConf dotlist), e.g.
     dinoseg train ade20k_linear.yaml model.pretrained_weights=/w/vitl16.pth datasets.root=/data/ade
@@ -18,6 +18,7 @@ from .engine.config import ConfigError, layer_value, read_layers
 from .engine.official_config import translate_layers
 from .engine.optim import TrainingError
 from .eval import TASKS, task_runner
+from .eval.segmentation.export import ExportError
 from .models.checkpoint import CheckpointError
 
 EXIT_ERROR = 2
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides (head=PATH required)")
     p.add_argument("--input", "-i", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--onnx", metavar="FILE", help="run this exported segmentor (no config: settings from the file)")
+    p = sub.add_parser("export", help="export a trained segmentor (head=PATH) to one ONNX file")
+    p.add_argument("config", nargs="*", help="YAML files and key=value overrides (head=PATH required)")
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="fixed input size (default: dynamic)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18, the lowest torch exports)")
     p = sub.add_parser("check-data", help="walk a dataset once and report problems and statistics")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides")
     p.add_argument("--split", choices=["train", "val"], default="train")
@@ -83,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[_AboveBars()])
     try:
+        if getattr(args, "onnx", None):  # an exported segmentor carries its own settings
+            if args.config:
+                raise ConfigError(f"predict --onnx takes its settings from {args.onnx}; drop {' '.join(args.config)}")
+            return task_runner("segmentation").main(args.command, None, args)
         runner, cfg = load(args.config, args.command)
         return runner.main(args.command, cfg, args)
-    except (ConfigError, CheckpointError, DatasetError, TrainingError, OSError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingError, ExportError, OSError) as e:
         print(f"dinoseg: error: {one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", EXIT_ERROR)
     except KeyboardInterrupt:

@@ -490,6 +490,9 @@ class InferenceSettings:
     # the given image's own short side.
     small_size: int | None = None
     decoder_head_type: str = "linear"  # "m2f": Mask2Former class scores rounded as officially (see slide_inference)
+    # Whole-image mode: the size every image is resized to (a model exported for one input size); None: each
+    # image's own size rounded up to the backbone's patch grid.
+    whole_size: tuple[int, int] | None = None
 
     def __call__(self, image: torch.Tensor, segmentation_model: nn.Module, rescale_to,
                  buffer: AccumulatorBuffer | None = None) -> torch.Tensor:
@@ -497,7 +500,7 @@ class InferenceSettings:
         whole = self.mode is InferenceMode.WHOLE
         return make_tta_inference(
             image, segmentation_model, rescale_to=rescale_to, tta_ratios=self.tta_ratios, use_flip=self.use_flip,
-            small_size=self.small_size, inference_mode=self.mode.value, crop_size=None if whole else self.crop_size,
+            small_size=self.small_size, inference_mode=self.mode.value, crop_size=self.whole_size if whole else self.crop_size,
             stride=self.stride, crop_batch_size=self.crop_batch_size, buffer=buffer,
             decoder_head_type=self.decoder_head_type,
         )

@@ -22,6 +22,7 @@ from ...engine.training import evaluation_loader
 from .config import SegmentationConfig, config_from_layers
 from .decoders import resolve_num_classes
 from .eval import RESULTS_FILENAME, evaluate_segmentation_model, format_metrics_table, write_results
+from .export import DEFAULT_OPSET, deployment_metadata, export_onnx
 from .inference import AccumulatorBuffer
 from .models.released import SegmentorWeights, head_location
 from .official_config import SEGMENTATION
@@ -99,13 +100,14 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
     return palette
 
 
-def _dataset_palette(cfg: DictConfig):
-    # Predicting needs no dataset: when the configured one is not on this machine, colours are generated.
+def dataset_palette(cfg: DictConfig) -> tuple[list | None, list | None]:
+    """(palette, class names) of the configured validation set, (None, None) when it is not on this machine:
+    predicting and exporting need no dataset (colours are then generated)."""
     try:
         dataset = build_val_dataset(cfg)
     except (DatasetError, FileNotFoundError):
-        return None
-    return getattr(dataset, "palette", None)
+        return None, None
+    return getattr(dataset, "palette", None), getattr(dataset, "class_names", None)
 
 
 PREDICT_MANIFEST = ".dinoseg_predict.json"  # the files predict wrote into an output folder
@@ -146,20 +148,29 @@ def list_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
 
 
 @torch.no_grad()
-def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None, num_classes=None) -> list[Path]:
+def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=None, num_classes=None, *,
+                onnx: str | None = None) -> list[Path]:
     """Colour masks (`<name>_mask.png`), overlays (`<name>_overlay.png`) and raw class ids (`<name>_label.png`).
     An unreadable image is reported and skipped; the others are still segmented, then the command fails naming
-    every image it skipped."""
-    device = distributed.setup(cfg.device)
+    every image it skipped. `onnx`: an exported segmentor run by onnxruntime on the CPU, with the settings in its
+    metadata (then no `cfg`)."""
     images = list_images(inputs, Path(output))
-    if model is None:
-        model, num_classes = load_segmentor(cfg, device)
-    palette = _dataset_palette(cfg)
+    if onnx:
+        from .onnx_runtime import OnnxSegmentor
+
+        device = torch.device("cpu")
+        model = OnnxSegmentor(onnx)
+        num_classes, palette = model.num_classes, model.palette
+        transform, settings = model.eval_transforms(), model.inference_settings()
+    else:
+        device = distributed.setup(cfg.device)
+        if model is None:
+            model, num_classes = load_segmentor(cfg, device)
+        palette = dataset_palette(cfg)[0]
+        transform, settings = build_eval_transforms(cfg), inference_settings(cfg)
     if not palette or len(palette) < num_classes:
         palette = default_palette(num_classes)
     lut = np.array(palette, dtype=np.uint8)
-    transform = build_eval_transforms(cfg)
-    settings = inference_settings(cfg)
     buffer = AccumulatorBuffer()
     out = prepare_output_dir(output)
     written, failed = [], []
@@ -220,14 +231,36 @@ def run_check_data(cfg: DictConfig, split: str) -> int:
     return 0 if not report.problems else 1
 
 
-def main(command: str, cfg: DictConfig, args) -> int:
-    """Run one `dinoseg` subcommand on a loaded segmentation config."""
+def run_export(cfg: DictConfig, output: str, image_size=None, opset: int = DEFAULT_OPSET) -> Path:
+    """`dinoseg export`: the configured segmentor with its trained head (`head=`) as one ONNX file, with the
+    preprocessing, inference settings, class names and palette in its metadata."""
+    model, num_classes = load_segmentor(cfg, torch.device("cpu"))
+    palette, class_names = dataset_palette(cfg)
+    if not palette or len(palette) < num_classes:
+        palette = default_palette(num_classes)
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    settings = inference_settings(cfg)
+    metadata = deployment_metadata(
+        mean=tuple(cfg.transforms.mean), std=tuple(cfg.transforms.std), resize_short_side=cfg.transforms.eval.img_size,
+        inference_mode=settings.mode.value, crop_size=settings.crop_size[0], stride=settings.stride[0],
+        tta_ratios=settings.tta_ratios, flip=settings.use_flip, class_names=class_names, palette=list(palette)[:num_classes],
+    )
+    path = export_onnx(model, output, image_size=image_size, opset=opset, metadata=metadata)
+    print(f"wrote {path}")
+    return path
+
+
+def main(command: str, cfg: DictConfig | None, args) -> int:
+    """Run one `dinoseg` subcommand on a loaded segmentation config (none for `predict --onnx`)."""
     if command == "train":
         train_segmentation(cfg)
     elif command == "eval":
         run_eval(cfg)
     elif command == "predict":
-        run_predict(cfg, args.input, args.output)
+        run_predict(cfg, args.input, args.output, onnx=args.onnx)
+    elif command == "export":
+        run_export(cfg, args.output, args.size, args.opset)
     elif command == "demo":
         run_demo(cfg)
     elif command == "check-data":

@@ -355,10 +355,12 @@ class DINOv3_Adapter(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         B, _, H, W = x.shape
         d = self.size_divisor
-        pad_h, pad_w = -H % d, -W % d
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        h, w = x.shape[-2:]
+        # Pad and crop unconditionally (a no-op for aligned sizes): without a branch on the size, an exported
+        # graph (torch.export with symbolic sizes) pads whatever its input size is. Sizes are rounded up with
+        # non-negative integer division only (ONNX divides integers towards zero, not towards minus infinity),
+        # written as multiples of d so that the symbolic level sizes below simplify.
+        h, w = (H + d - 1) // d * d, (W + d - 1) // d * d
+        x = F.pad(x, (0, w - W, 0, h - H))
         c_shapes = [(h // s, w // s) for s in QUERY_STRIDES]
         x_shape = (h // self.patch_size, w // self.patch_size)
         reference_points = get_reference_points(c_shapes, device=x.device)
@@ -394,7 +396,6 @@ class DINOv3_Adapter(nn.Module):
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
         result = {}
         for i, (o, norm, stride) in enumerate(zip(outs, norms, (4,) + QUERY_STRIDES)):
-            if pad_h or pad_w:  # crop before the norm so training statistics ignore the padding
-                o = o[..., : -(-H // stride), : -(-W // stride)]
-            result[str(i + 1)] = norm(o)
+            # Crop before the norm so training statistics ignore the padding.
+            result[str(i + 1)] = norm(o[..., : (H + stride - 1) // stride, : (W + stride - 1) // stride])
         return result

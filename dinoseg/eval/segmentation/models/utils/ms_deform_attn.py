@@ -34,7 +34,12 @@ AUTO_GATHER_MIN_HEAD_DIM = 8
 def _shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+    # Symbolic sizes (torch.export) stay symbolic: an exported graph then follows the input size.
+    return [(_size(h), _size(w)) for h, w in spatial_shapes]
+
+
+def _size(v) -> int:
+    return v if isinstance(v, torch.SymInt) else int(v)
 
 
 def _check_core_inputs(value, shapes, sampling_locations, attention_weights):
