@@ -248,6 +248,24 @@ def test_bad_depth_inputs_give_one_line_errors(depth_run, tmp_path, capsys, monk
     assert "dinov3_vit7b16_synthmix_dpt_head-02040be1.pth" in line and "never downloads" in line
 
 
+def test_images_of_different_sizes_need_a_crop_and_bfloat16_trains_on_cpu(tmp_path, capsys):
+    root = tmp_path / "folder"
+    for i, (h, w) in enumerate([(40, 48), (48, 40), (40, 40), (48, 48)]):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "depths").mkdir(exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.full((h, w), 1000 + 500 * i, np.uint16)).save(root / "depths" / f"{i}.png")
+    data = [f"datasets.train=DepthFolder:root={root}", f"datasets.val=DepthFolder:root={root}", "train.num_workers=1"]
+    line = error_of(capsys, ["train", *tiny_depth(tmp_path / "r", total_iter=4), *data])
+    assert "training samples of different sizes cannot form a batch: set transforms.train.random_crop" in line
+    out = tmp_path / "bf16"
+    assert main(["train", *tiny_depth(out, total_iter=3, checkpoint_interval=3), *data,
+                 "transforms.train.random_crop=[32,32]", "precision=bfloat16"]) == 0
+    ckpt = read_checkpoint(out / LAST)
+    assert all(v.dtype in (torch.float32, torch.int64) for v in ckpt["model"].values())  # master weights stay fp32
+    assert json.loads((out / "results-depth.json").read_text())["num_samples"] == 4
+
+
 def test_check_data_on_a_depth_config(tmp_path, capsys):
     from .test_depth_datasets import make_nyu
 

@@ -81,6 +81,16 @@ def depth_loss(criterion, pred: torch.Tensor, depth: torch.Tensor, eval_mask: st
     return criterion(pred, depth, valid)
 
 
+def next_batch(batches) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return next(batches)
+    except RuntimeError as e:  # raised by the collation, in this process or a loader worker
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise TrainingError("training samples of different sizes cannot form a batch: set transforms.train.random_crop="
+                            "[H, W] (or transforms.train.img_size=[H, W])") from None
+
+
 def train_depth(cfg: DictConfig) -> dict:
     # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
     device = distributed.setup(cfg.device)
@@ -152,7 +162,7 @@ def train_depth(cfg: DictConfig) -> dict:
     done = start_iter
     try:
         for iteration in range(start_iter, total):
-            images, depths = next(batches)
+            images, depths = next_batch(batches)
             images = images.to(device, non_blocking=True)
             depths = depths.to(device, non_blocking=True).float()
 
