@@ -127,3 +127,24 @@ def test_without_use_beta1_the_optimizer_keeps_its_betas():
             opt.step()
             sched.step()
         assert opt.param_groups[0]["betas"] == (0.9, 0.99)  # use_beta1 is the one-cycle schedule's only
+
+
+def test_a_resumed_beta1_cycle_follows_an_extended_total_iter():
+    from dinoseg.engine.schedulers import beta1_at
+
+    kwargs = {"warmup_iters": 4, "use_beta1": True, "final_div_factor": 1000.0}
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = build_scheduler("WarmupOneCycleLR", opt, 1e-3, 20, kwargs)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    longer = build_scheduler("WarmupOneCycleLR", opt2, 1e-3, 40, kwargs)
+    longer.load_state_dict(sched.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    opt2.step()
+    longer.step()
+    assert opt2.param_groups[0]["betas"][0] == pytest.approx(beta1_at(11, 40, 4, 0.85, 0.95))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(11, "WarmupOneCycleLR", 40, warmup_iters=4,
+                                                                        warmup_ratio=0.0, final_div_factor=1000.0))

@@ -59,6 +59,12 @@ class LambdaLRWithBeta1(torch.optim.lr_scheduler.LambdaLR):
         for group in self.optimizer.param_groups:
             group["betas"] = (beta1, *group["betas"][1:])
 
+    def state_dict(self) -> dict:
+        # The cycle follows the configuration, as the lr lambda does: a resumed run may extend total_iter.
+        state = super().state_dict()
+        state.pop("momentum_schedule")
+        return state
+
 
 def _warmup(step: int, warmup_iters: int, warmup_ratio: float) -> float:
     if step >= warmup_iters:
