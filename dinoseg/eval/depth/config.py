@@ -19,16 +19,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ...engine import config as engine_config  # its sections; the depth ones below carry the official defaults
 from ...engine.config import (
     FRACTION,
     OPEN_FRACTION,
     POSITIVE,
     ConfigError,
     ModelConfig,
-    OptimizerConfig,
     Precision,
-    SchedulerConfig,
-    TrainConfig,
     check_ranges,
     fail,
     merge_layers,
@@ -94,7 +92,7 @@ class DatasetsConfig:
 
 
 @dataclass
-class DepthOptimizerConfig(OptimizerConfig):
+class DepthOptimizerConfig(engine_config.OptimizerConfig):
     """AdamW over the head; official depth defaults."""
 
     lr: float = 1e-4
@@ -102,7 +100,7 @@ class DepthOptimizerConfig(OptimizerConfig):
 
 
 @dataclass
-class DepthSchedulerConfig(SchedulerConfig):
+class DepthSchedulerConfig(engine_config.SchedulerConfig):
     """The schedule with the official depth defaults (those of the official `WarmupOneCycleLR`), including its
     beta1 cycle: with `use_beta1`, AdamW's beta1 is 0 for the warmup iterations (the official scheduler leaves its
     momentum at 0 there) and then follows a cosine from `base_momentum` up to `max_momentum`, so `optimizer.beta1`
@@ -118,7 +116,7 @@ class DepthSchedulerConfig(SchedulerConfig):
 
 
 @dataclass
-class DepthTrainConfig(TrainConfig):
+class DepthTrainConfig(engine_config.TrainConfig):
     """The training loop's settings with the official depth defaults (2 images per GPU x 8 GPUs, 2 workers, a
     checkpoint at every official validation)."""
 
