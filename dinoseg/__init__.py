@@ -1,11 +1,40 @@
-"""dinoseg: semantic segmentation on frozen DINOv3 backbones.
+"""dinoseg: semantic segmentation and monocular depth on frozen DINOv3 backbones.
 
 Public names follow the official DINOv3 code, so `from dinoseg import build_segmentation_decoder` replaces
-`from dinov3.eval.segmentation.models import build_segmentation_decoder`.
+`from dinov3.eval.segmentation.models import build_segmentation_decoder`. Where both tasks have a name, the
+segmentation one is here and the depth one at its official path: `LinearHead` (depth:
+`dinoseg.eval.depth.models.linear_head.LinearHead`), `DecoderConfig` (depth: `dinoseg.eval.depth.models.DecoderConfig`,
+also exported here as `DepthDecoderConfig`).
 """
 
 from .data import DatasetError, InfiniteDataloader, make_data_loader, make_dataset
-from .data.datasets import ADE20K, Cityscapes, ImageMaskFolder, PascalVOC, SyntheticShapes
+from .data.datasets import (
+    ADE20K,
+    KITTI,
+    NYU,
+    Cityscapes,
+    DepthFolder,
+    ImageMaskFolder,
+    PascalVOC,
+    SyntheticDepth,
+    SyntheticShapes,
+)
+from .eval.depth.config import DepthConfig
+from .eval.depth.datasets.datasets_utils import make_valid_mask
+from .eval.depth.eval import evaluate_depther_with_config, evaluate_depther_with_dataloader
+from .eval.depth.loss import GradientLogLoss, GradientLoss, L1Loss, LossType, MultiLoss, SigLoss
+from .eval.depth.metrics import DEPTH_METRICS, calculate_depth_metrics
+from .eval.depth.models import DecoderConfig as DepthDecoderConfig
+from .eval.depth.models import (
+    Depther,
+    DPTHead,
+    FeaturesToDepth,
+    PatchSizeAdaptationStrategy,
+    build_depther,
+    make_depther_from_config,
+)
+from .eval.depth.transforms import make_depth_eval_transforms, make_depth_train_transforms
+from .eval.depth.utils import align_depth_least_square
 from .eval.segmentation.config import SegmentationConfig, load_config
 from .eval.segmentation.inference import (
     AccumulatorBuffer,
@@ -53,39 +82,65 @@ __all__ = [
     "CheckpointError",
     "Cityscapes",
     "ConvNeXt",
+    "DEPTH_METRICS",
     "DINOv3_Adapter",
+    "DPTHead",
     "DatasetError",
     "DecoderType",
+    "DepthConfig",
+    "DepthDecoderConfig",
+    "DepthFolder",
+    "Depther",
     "DinoVisionTransformer",
     "FeatureDecoder",
+    "FeaturesToDepth",
+    "GradientLogLoss",
+    "GradientLoss",
     "HungarianMatcher",
     "ImageMaskFolder",
     "InferenceSettings",
     "InfiniteDataloader",
+    "KITTI",
+    "L1Loss",
     "LinearHead",
+    "LossType",
     "MSDeformAttn",
     "Mask2FormerHead",
     "Mask2FormerLoss",
     "Mask2FormerOptions",
     "ModelWithIntermediateLayers",
+    "MultiLoss",
     "MultiSegmentationLoss",
+    "NYU",
     "PascalVOC",
+    "PatchSizeAdaptationStrategy",
     "SegmentationConfig",
     "SegmentationMetrics",
     "SetCriterion",
+    "SigLoss",
+    "SyntheticDepth",
     "SyntheticShapes",
     "Weights",
+    "align_depth_least_square",
+    "build_depther",
     "build_segmentation_decoder",
+    "calculate_depth_metrics",
     "calculate_intersect_and_union",
     "calculate_segmentation_metrics",
+    "evaluate_depther_with_config",
+    "evaluate_depther_with_dataloader",
     "get_backbone_out_indices",
     "load_config",
     "make_data_loader",
     "make_dataset",
+    "make_depth_eval_transforms",
+    "make_depth_train_transforms",
+    "make_depther_from_config",
     "make_inference",
     "make_segmentation_eval_transforms",
     "make_segmentation_train_transforms",
     "make_tta_inference",
+    "make_valid_mask",
     "mask_classification_to_semantic",
     "ms_deform_attn_core",
     "slide_inference",

@@ -131,7 +131,8 @@ def test_evaluate_with_config_runs_the_configured_protocol(nyu_setup):
     from dinoseg.eval.depth.eval import evaluate_depther_with_config
 
     root, meta, depther = nyu_setup
-    config = DepthConfig(num_workers=0, metrics=[m.name for m in DEPTH_METRICS])
+    config = DepthConfig(metrics=[m.name for m in DEPTH_METRICS])
+    config.train.num_workers = 0
     config.datasets.root, config.datasets.test = str(root), "NYU:split=VAL"
     config.transforms.eval.eval_mask = "NYU_EIGEN"
     config.eval.align_least_squares = True  # the synthmix inference protocol: Eigen crop, flip TTA, lsq, 0.001-10 m

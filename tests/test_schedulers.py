@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -71,3 +72,80 @@ def test_schedule_resumes_exactly():
     sched2.load_state_dict(state)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def _official_beta1(step, total, warmup, base=0.85, top=0.95):
+    # The official WarmupOneCycleLR (use_beta1=True): momentum stays 0 in warmup, then cosine from base up to max.
+    if step < warmup:
+        return 0.0
+    pct = (step - warmup) / (total - warmup)
+    return top + (base - top) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+def test_one_cycle_beta1_cycle_matches_the_official_scheduler_and_resumes():
+    from dinoseg.eval.depth.config import DepthSchedulerConfig
+
+    cfg = OmegaConf.structured(DepthSchedulerConfig(total_iter=40, warmup_iters=8))
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.99))
+    sched = build_scheduler(cfg.type, opt, 1e-3, cfg.total_iter, scheduler_kwargs(cfg))
+    betas, lrs = [], []
+    for _ in range(40):
+        betas.append(opt.param_groups[0]["betas"])
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [b[0] for b in betas] == pytest.approx([_official_beta1(k, 40, 8) for k in range(40)], abs=1e-12)
+    assert {b[1] for b in betas} == {0.99}  # beta2 is left alone
+    # Warmup without warmup_ratio (the depth default): max_lr / final_div_factor + cosine peak * step / warmup.
+    assert lrs[0] == pytest.approx(1e-3 / 1000) and lrs[4] == pytest.approx(
+        1e-3 / 1000 + 1e-3 * (1 + math.cos(math.pi * 4 / 40)) / 2 * 4 / 8)
+    assert lrs[8:] == pytest.approx([_official_one_cycle(k, 1e-3, 40, 8, 0.0, 1000.0) for k in range(8, 40)])
+    # The schedule's state holds numbers only (weights-only checkpoints), and a resumed one continues exactly.
+    opt2 = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.99))
+    sched2 = build_scheduler(cfg.type, opt2, 1e-3, cfg.total_iter, scheduler_kwargs(cfg))
+    buffer = io.BytesIO()
+    torch.save({"s": sched.state_dict(), "o": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    sched2.load_state_dict(state["s"])
+    opt2.load_state_dict(state["o"])
+    assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
+    opt.step()
+    sched.step()
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_without_use_beta1_the_optimizer_keeps_its_betas():
+    for kind in ("WarmupOneCycleLR", "poly"):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.99))
+        sched = build_scheduler(kind, opt, 1e-3, 10, {"warmup_iters": 2, "use_beta1": kind == "poly"})
+        for _ in range(5):
+            opt.step()
+            sched.step()
+        assert opt.param_groups[0]["betas"] == (0.9, 0.99)  # use_beta1 is the one-cycle schedule's only
+
+
+def test_a_resumed_beta1_cycle_follows_an_extended_total_iter():
+    from dinoseg.engine.schedulers import one_cycle_momentum
+
+    kwargs = {"warmup_iters": 4, "use_beta1": True, "final_div_factor": 1000.0}
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = build_scheduler("WarmupOneCycleLR", opt, 1e-3, 20, kwargs)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    longer = build_scheduler("WarmupOneCycleLR", opt2, 1e-3, 40, kwargs)
+    longer.load_state_dict(sched.state_dict())
+    opt2.load_state_dict(opt.state_dict())
+    opt2.step()
+    longer.step()
+    assert opt2.param_groups[0]["betas"][0] == pytest.approx(one_cycle_momentum(11, 40, warmup_iters=4))
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(11, "WarmupOneCycleLR", 40, warmup_iters=4,
+                                                                        warmup_ratio=0.0, final_div_factor=1000.0))

@@ -83,8 +83,9 @@ class SchedulerConfig:
 
 
 def scheduler_kwargs(section) -> dict:
-    """The `constructor_kwargs` of `build_scheduler` held by a `SchedulerConfig` section."""
-    return {f.name: section[f.name] for f in fields(SchedulerConfig) if f.name not in ("type", "total_iter")}
+    """The `constructor_kwargs` of `build_scheduler` held by a `SchedulerConfig` section (a task's subclass of it
+    may add keywords, e.g. depth's beta1 cycle)."""
+    return {key: section[key] for key in section if key not in ("type", "total_iter")}
 
 
 @dataclass

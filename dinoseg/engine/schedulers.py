@@ -154,10 +154,8 @@ def build_scheduler(
                                 base_momentum=base, max_momentum=top, anneal_strategy=kwargs["anneal_strategy"]),
                         "betas" if use_beta1 else "momentum")
     else:
-        fixed = {k: kwargs.pop(k) for k in (*_MOMENTUM_KEYS, "anneal_strategy") if k in kwargs}
-        strategy = getattr(fixed.get("anneal_strategy"), "value", fixed.get("anneal_strategy", "cos"))
-        if fixed.get("use_beta1") or fixed.get("update_momentum") or strategy != "cos":
-            raise ValueError(f"build_scheduler: {sorted(fixed)} apply to WarmupOneCycleLR only, not {kind.value}")
+        for key in (*_MOMENTUM_KEYS, "anneal_strategy"):  # one-cycle settings: other schedules leave beta1 alone
+            kwargs.pop(key, None)
     factor: Callable[[int], float] = partial(lr_factor, scheduler_type=kind, total_iter=total_iter, base_lr=lr,
                                              **kwargs)
     try:

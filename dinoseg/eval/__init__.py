@@ -7,7 +7,7 @@ A task's `run` module gives the command line what it needs: `NAME`, `SCHEMA` (it
 
 import importlib
 
-TASKS = {"segmentation": "dinoseg.eval.segmentation.run"}
+TASKS = {"segmentation": "dinoseg.eval.segmentation.run", "depth": "dinoseg.eval.depth.run"}
 
 
 def task_runner(name: str):

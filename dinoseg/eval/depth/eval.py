@@ -1,10 +1,16 @@
-"""Evaluation of a depther over a data loader (official `evaluate_depther_with_dataloader`)."""
+"""Depth evaluation: the official loop over a data loader (`evaluate_depther_with_dataloader`, per-image metrics
+then their NaN-mean), its config entry, and what the task writes (`results-depth.csv` / `.json`)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import math
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +18,9 @@ import torch.nn.functional as F
 
 from ...data import make_data_loader, make_dataset
 from ...data.adapters import DatasetWithEnumeratedTargets
-from ...engine import distributed
+from ...engine import distributed, reporting
+from ...engine.files import write_atomically
+from ...models.frozen import set_train_mode
 from .config import DepthConfig, ResultConfig, make_depth_eval_transforms_from_config
 from .datasets.datasets_utils import make_valid_mask, parse_eval_crop
 from .metrics import _DepthMetric, calculate_depth_metrics, metrics_from_names
@@ -22,17 +30,19 @@ from .visualization_utils import save_predictions
 
 logger = logging.getLogger("dinoseg")
 
+RESULTS_FILENAME = "results-depth.csv"
+METRICS_FILENAME = "results-depth.json"
+
 
 def evaluate_depther_with_config(config: DepthConfig, depther: torch.nn.Module, device: Any, reduce_results: bool = True):
-    """`evaluate_depther_with_dataloader` on ``config.datasets.test`` (under ``config.datasets.root``) with the
-    config's eval transforms (flip TTA per ``eval.use_tta``), metrics, range, mask and alignment; under
-    torch.distributed the images are sharded over the ranks without repetition."""
-    dataset_str = config.datasets.test
-    if config.datasets.root and ":root=" not in dataset_str:
-        dataset_str += f":root={config.datasets.root}"
-    dataset = make_dataset(dataset_str, transforms=make_depth_eval_transforms_from_config(config, split="test"))
-    loader = make_data_loader(DatasetWithEnumeratedTargets(dataset), batch_size=1, num_workers=config.num_workers,
-                              shuffle=False, pad_shards=False)
+    """`evaluate_depther_with_dataloader` on ``config.datasets.test`` (else ``datasets.val``, under
+    ``datasets.root``) with the config's eval transforms (flip TTA per ``eval.use_tta``), metrics, range, mask and
+    alignment; under torch.distributed the images are sharded over the ranks without repetition."""
+    dataset = make_dataset(config.datasets.test or config.datasets.val, default_root=config.datasets.root,
+                           transforms=make_depth_eval_transforms_from_config(config, split="test"))
+    loader = make_data_loader(DatasetWithEnumeratedTargets(dataset), batch_size=1, num_workers=config.train.num_workers,
+                              shuffle=False, pad_shards=False, rank=distributed.get_rank(),
+                              world_size=distributed.get_world_size())
     return evaluate_depther_with_dataloader(
         loader,
         depther,
@@ -144,3 +154,66 @@ def evaluate_depther_with_dataloader(
     else:
         results = {n: per_image[:, k].tolist() for k, n in enumerate(names)}
     return results, {}, torch.tensor(indices, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class DepthEvalSettings:
+    """How a depth run scores predictions (from the config's `metrics`, `eval.*` and `transforms.eval.eval_mask`)."""
+
+    metrics: tuple[str, ...]
+    eval_range: tuple[float, float]  # metres: ground truth outside is ignored, predictions clamped
+    ignored_value: float
+    eval_mask: str
+    align_least_squares: bool
+    use_tta: bool
+
+
+@torch.no_grad()
+def evaluate_depth_model(model, loader, settings: DepthEvalSettings, device: torch.device, *, sample_name=None,
+                         result_config: ResultConfig | None = None, save_dir: Path | None = None,
+                         progress: bool = True) -> dict:
+    """Per-image metrics of `model` over `loader` (sharded over processes; `DatasetWithEnumeratedTargets` batches),
+    gathered on every rank, then their NaN-mean as the official code reports. Returns the means (one float per
+    metric, identical on every rank), ``num_samples``, ``num_without_depth`` (images without a valid pixel, left
+    out of the means) and ``per_image`` (dataset index, name by `sample_name(index)`, and each metric)."""
+    was_training = model.training
+    model.eval()
+    with reporting.progress(desc="eval", leave=False, iterable=loader, disable=not progress) as bar:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # images without depth are counted below
+            per_image, _, indices = evaluate_depther_with_dataloader(
+                bar, model, device, metrics=list(settings.metrics), eval_range=settings.eval_range,
+                result_config=result_config, save_dir=str(save_dir or ""), ignored_value=settings.ignored_value,
+                eval_mask_type=settings.eval_mask, reduce_results=False,
+                align_least_squares=settings.align_least_squares, use_tta=settings.use_tta)
+    set_train_mode(model, was_training)
+    values = torch.tensor([per_image[name] for name in settings.metrics], dtype=torch.float32).reshape(
+        len(settings.metrics), len(indices))
+    means = values.nanmean(dim=1) if len(indices) else torch.full((len(settings.metrics),), math.nan)
+    results: dict = {name: float(v) for name, v in zip(settings.metrics, means.tolist())}
+    results["num_samples"] = len(indices)
+    results["num_without_depth"] = int(values.isnan().all(dim=0).sum())
+    index = indices.tolist()
+    results["per_image"] = {"index": index, "name": [sample_name(i) if sample_name else str(i) for i in index],
+                            **{name: [None if math.isnan(v) else v for v in per_image[name]] for name in settings.metrics}}
+    return results
+
+
+def format_results(results: dict, metrics) -> str:
+    """One line: each metric, then the number of images."""
+    text = "  ".join(f"{name} {results[name]:.4f}" for name in metrics)
+    skipped = results["num_without_depth"]
+    note = f", {skipped} without valid depth left out" if skipped else ""
+    return f"{text}  ({results['num_samples']} images{note})"
+
+
+def write_results(results: dict, output_dir: Path, dataset_name: str, metrics) -> None:
+    """The official one-row CSV (columns ``<dataset>_<metric>``, e.g. ``NYU_rmse``), plus a JSON with the means,
+    the counts and every image's values."""
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow([f"{dataset_name}_{name}" for name in metrics])
+    writer.writerow([f"{results[name]:.6f}" for name in metrics])
+    write_atomically(output_dir / RESULTS_FILENAME, lambda f: f.write(table.getvalue().encode()))
+    text = json.dumps({"dataset": dataset_name, **results}, indent=2, default=float)
+    write_atomically(output_dir / METRICS_FILENAME, lambda f: f.write(text.encode()))

@@ -1,8 +1,6 @@
 """The segmentation task behind the `dinoseg` command: train, eval, predict, demo, check-data."""
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +10,11 @@ from PIL import Image
 
 from ...data import make_dataset
 from ...data.check import check_dataset, format_report
-from ...data.io import IMAGE_EXTENSIONS, DatasetError, load_image
+from ...data.io import DatasetError
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError
-from ...engine.files import write_atomically
+from ...engine.predict import list_images, predict_images
 from ...engine.rundir import prepare_output_dir
 from ...engine.training import evaluation_loader
 from .config import SegmentationConfig, config_from_layers
@@ -110,41 +108,7 @@ def dataset_palette(cfg: DictConfig) -> tuple[list | None, list | None]:
     return getattr(dataset, "palette", None), getattr(dataset, "class_names", None)
 
 
-PREDICT_MANIFEST = ".dinoseg_predict.json"  # the files predict wrote into an output folder
 OUTPUT_SUFFIXES = ("mask", "overlay", "label")
-
-
-def _written_before(out: Path) -> set[Path]:
-    manifest = out / PREDICT_MANIFEST
-    if not manifest.exists():
-        return set()
-    try:
-        return {(out / name).resolve() for name in json.loads(manifest.read_text())}
-    except (OSError, ValueError, TypeError):
-        raise ConfigError(f"{manifest}: unreadable list of earlier predictions; delete it or choose another -o") from None
-
-
-def list_images(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
-    """(image, output name without suffix) for every image in `inputs` (files, or folders searched recursively).
-    Output names mirror the images' paths below their common folder, so images of the same name in different
-    folders keep their own results; files an earlier `predict` wrote into `out` are not inputs."""
-    own = _written_before(out)
-    paths = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()
-                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
-            paths += [q for q in found if q.resolve() not in own]
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise ConfigError(f"{p}: input image or folder not found")
-    paths = list(dict.fromkeys(q.resolve() for q in paths))  # an image named twice is segmented once
-    if not paths:
-        raise ConfigError(f"no images found in {inputs}")
-    common = Path(os.path.commonpath([q.parent for q in paths]))
-    return [(q, q.relative_to(common).with_suffix("")) for q in paths]
 
 
 @torch.no_grad()
@@ -172,34 +136,20 @@ def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=No
         palette = default_palette(num_classes)
     lut = np.array(palette, dtype=np.uint8)
     buffer = AccumulatorBuffer()
-    out = prepare_output_dir(output)
-    written, failed = [], []
-    with reporting.progress(desc="predict", iterable=images) as bar:
-        for path, name in bar:
-            try:
-                raw = load_image(str(path))  # uint8 [3, H, W], any mode -> RGB
-            except DatasetError as e:
-                failed.append(str(e))
-                continue
-            dummy = torch.zeros(raw.shape[-2:], dtype=torch.int64)
-            image, _ = transform(raw, dummy)
-            probs = settings(image.unsqueeze(0).to(device), model, rescale_to=tuple(raw.shape[-2:]), buffer=buffer)
-            pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-            colour = lut[pred]
-            overlay = (0.5 * raw.permute(1, 2, 0).numpy() + 0.5 * colour).astype(np.uint8)
-            (out / name).parent.mkdir(parents=True, exist_ok=True)
-            for suffix, array in zip(OUTPUT_SUFFIXES, (colour, overlay, pred)):
-                target = out / f"{name}_{suffix}.png"
-                Image.fromarray(array).save(target)
-                written.append(target)
-    manifest = sorted({str(p.relative_to(out.resolve())) for p in _written_before(out)} |
-                      {str(p.relative_to(out)) for p in written})
-    write_atomically(out / PREDICT_MANIFEST, lambda f: f.write(json.dumps(manifest, indent=0).encode()))
-    print(f"wrote {len(written)} files for {len(images) - len(failed)} images to {output}")
-    if failed:
-        raise DatasetError(f"{len(failed)} of {len(images)} images could not be read and were skipped: "
-                           + "; ".join(failed))
-    return written
+
+    def segment(raw: torch.Tensor, name: Path) -> list[Path]:
+        dummy = torch.zeros(raw.shape[-2:], dtype=torch.int64)
+        image, _ = transform(raw, dummy)
+        probs = settings(image.unsqueeze(0).to(device), model, rescale_to=tuple(raw.shape[-2:]), buffer=buffer)
+        pred = probs.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+        colour = lut[pred]
+        overlay = (0.5 * raw.permute(1, 2, 0).numpy() + 0.5 * colour).astype(np.uint8)
+        targets = [name.parent / f"{name.name}_{suffix}.png" for suffix in OUTPUT_SUFFIXES]
+        for target, array in zip(targets, (colour, overlay, pred)):
+            Image.fromarray(array).save(target)
+        return targets
+
+    return predict_images(images, output, segment)
 
 
 def run_demo(cfg: DictConfig) -> dict:

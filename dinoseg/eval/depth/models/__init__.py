@@ -198,14 +198,20 @@ def load_decoder_checkpoint(depther: Depther, checkpoint_path: str) -> Depther:
     """Strictly load a head checkpoint into ``depther.decoder``: the released ``*_dpt_head-*.pth`` files (keys
     without prefix), the official trainer's ``{"model": ...}`` (``module.`` from DDP dropped), or a
     ``decoder.*`` state dict."""
-    from dinoseg.models.checkpoint import load_state_dict_file, load_state_dict_strict
+    from dinoseg.models.checkpoint import load_state_dict_file
 
-    state_dict = load_state_dict_file(checkpoint_path)
+    return load_decoder_state_dict(depther, load_state_dict_file(checkpoint_path), source=str(checkpoint_path))
+
+
+def load_decoder_state_dict(depther: Depther, state_dict: dict, source: str) -> Depther:
+    """`load_decoder_checkpoint` on a state dict already read (`source` names it in errors)."""
+    from dinoseg.models.checkpoint import load_state_dict_strict
+
     for prefix in ("module.", "decoder."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
     assign = any(t.is_meta for t in depther.decoder.state_dict().values())
-    load_state_dict_strict(depther.decoder, state_dict, source=str(checkpoint_path), assign=assign)
+    load_state_dict_strict(depther.decoder, state_dict, source=source, assign=assign)
     return depther
 
 

@@ -1,0 +1,96 @@
+"""From a depth config to the objects a run uses; below this file, functions take values, not the config."""
+
+import math
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ...data import DepthDataset, make_dataset
+from ...engine.config import ConfigError, Precision
+from ...engine.optim import build_optimizer as _build_optimizer
+from ...models.backbones import build_backbone as _build_backbone
+from ...models.frozen import freeze_backbone
+from .config import (
+    DecoderConfig,
+    loss_weights,
+    make_depth_eval_transforms_from_config,
+    make_depth_train_transforms_from_config,
+)
+from .eval import DepthEvalSettings
+from .loss import MultiLoss
+from .models import Depther, load_decoder_state_dict, make_depther_from_config
+
+
+def build_backbone(cfg: DictConfig) -> torch.nn.Module:
+    m = cfg.model
+    kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
+    return freeze_backbone(_build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed))
+
+
+def decoder_config(cfg: DictConfig) -> DecoderConfig:
+    return OmegaConf.to_object(cfg.decoder_head)
+
+
+def build_model(cfg: DictConfig, backbone: torch.nn.Module | None = None) -> Depther:
+    """The configured depther with a freshly initialised head (in eval mode)."""
+    backbone = backbone if backbone is not None else build_backbone(cfg)
+    try:
+        return make_depther_from_config(backbone, decoder_config(cfg), autocast_dtype=Precision(cfg.precision).dtype)
+    except (ValueError, TypeError) as e:  # layer indices past the backbone's depth, bad head options...
+        raise ConfigError(f"decoder_head: {e}") from None
+
+
+def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -> Depther:
+    """The configured depther with its head loaded strictly from `head_state_dict` (named `source` in errors):
+    ours (``decoder.*``), the official trainer's (``module.*``) or a released head file (no prefix)."""
+    return load_decoder_state_dict(build_model(cfg), head_state_dict, source=source)
+
+
+def build_criterion(cfg: DictConfig) -> MultiLoss:
+    return MultiLoss(loss_weights(cfg.losses))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
+    o = cfg.optimizer
+    return _build_optimizer(model, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+
+
+def _depth_dataset(cfg: DictConfig, key: str, transforms) -> DepthDataset:
+    """`datasets.<key>`, checked to be a depth dataset whose stored units are the ones the transforms divide by."""
+    descriptor = cfg.datasets[key] if key != "test" else (cfg.datasets.test or cfg.datasets.val)
+    dataset = make_dataset(descriptor, transforms=transforms, default_root=cfg.datasets.root)
+    if not isinstance(dataset, DepthDataset):
+        raise ConfigError(f"datasets.{key}={descriptor!r}: {type(dataset).__name__} is not a depth dataset "
+                          f"(NYU, KITTI, DepthFolder, SyntheticDepth)")
+    constant = cfg.transforms.normalization_constant
+    if not math.isclose(dataset.depth_scale, constant, rel_tol=1e-6):
+        raise ConfigError(f"transforms.normalization_constant={constant}: {type(dataset).__name__} (datasets.{key}) "
+                          f"stores {dataset.depth_scale:g} units per metre; set transforms.normalization_constant="
+                          f"{dataset.depth_scale:g}")
+    return dataset
+
+
+def build_train_dataset(cfg: DictConfig) -> DepthDataset:
+    return _depth_dataset(cfg, "train", make_depth_train_transforms_from_config(cfg))
+
+
+def build_val_dataset(cfg: DictConfig) -> DepthDataset:
+    """The validation set of training (no TTA, as the official validation)."""
+    return _depth_dataset(cfg, "val", make_depth_eval_transforms_from_config(cfg, split="val"))
+
+
+def build_test_dataset(cfg: DictConfig) -> DepthDataset:
+    """What `dinoseg eval` and the end of training evaluate: `datasets.test` (else `datasets.val`), with flip TTA
+    when `eval.use_tta`."""
+    return _depth_dataset(cfg, "test", make_depth_eval_transforms_from_config(cfg, split="test"))
+
+
+def evaluation_settings(cfg: DictConfig, *, use_tta: bool) -> DepthEvalSettings:
+    e = cfg.eval
+    return DepthEvalSettings(metrics=tuple(cfg.metrics), eval_range=(e.min_depth, e.max_depth),
+                             ignored_value=e.ignored_value, eval_mask=cfg.transforms.eval.eval_mask,
+                             align_least_squares=e.align_least_squares, use_tta=use_tta)
+
+
+def result_config(cfg: DictConfig):
+    return OmegaConf.to_object(cfg.result_config)
