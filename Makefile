@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dinoseg demo
 
+# One test worker per core (tests/conftest.py gives each one thread), test files kept together in one worker.
 test: $(STAMP)
 	$(BIN)/ruff check dinoseg tests benchmarks hubconf.py
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-oldest:
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)

@@ -23,6 +23,13 @@ def load_fixture(name: str) -> dict:
     return torch.load(FIXTURES / name, map_location="cpu", weights_only=True)
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (`make test` runs two workers on the two cores), one thread per worker: two
+    # oversubscribed thread pools run slower than one each.
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
