@@ -1,6 +1,6 @@
 """Mask2Former training step: seconds per iteration, peak memory and the share spent in the loss.
 
-    .venv/bin/python benchmarks/m2f_train_step.py [--config configs/demo_m2f.yaml] [--iters 10] [--warmup 2]
+    .venv/bin/python benchmarks/m2f_train_step.py [--config demo_m2f.yaml] [--iters 10] [--warmup 2]
         [--precisions float32,bfloat16] [--threads 1,2] [--device cpu|cuda] [key=value ...]
 
 One training iteration of the engine on the config's model and data (default: the M2F demo): forward (frozen
@@ -13,7 +13,8 @@ Each (precision, threads) setting runs in a fresh process, so the memory numbers
   - loss %: share of the step in the loss, and in the Hungarian matcher alone (part of the loss);
   - peak RSS: the process's resident-set high-water mark (`resource.getrusage`), model building included;
   - CUDA peak: `torch.cuda.max_memory_allocated` over the timed iterations (CUDA only).
-On a machine shared with other jobs, compare settings from the same invocation only.
+`train.deterministic=true` among the overrides measures the deterministic mode (bwd+opt %: backward, clipping,
+optimizer and scheduler steps). On a machine shared with other jobs, compare settings from the same invocation only.
 """
 
 import argparse
@@ -33,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from dinoseg.engine.config import scheduler_kwargs  # noqa: E402
 from dinoseg.engine.schedulers import build_scheduler  # noqa: E402
+from dinoseg.engine.training import make_deterministic  # noqa: E402
 from dinoseg.eval.segmentation.config import load_config  # noqa: E402
 from dinoseg.eval.segmentation.decoders import decoder, resolve_num_classes  # noqa: E402
 from dinoseg.eval.segmentation.setup import build_model, build_optimizer, build_train_dataset  # noqa: E402
@@ -54,6 +56,8 @@ class Clock:
 def measure(config: str, overrides: list[str], iters: int, warmup: int, device: str) -> dict:
     """Runs in the child process: one setting, returns its numbers."""
     cfg = load_config([config], overrides)
+    if cfg.train.deterministic:
+        make_deterministic()
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     dataset = build_train_dataset(cfg)
@@ -115,7 +119,7 @@ def measure(config: str, overrides: list[str], iters: int, warmup: int, device: 
         if i == warmup - 1 and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if i >= warmup:
-            rows.append({"step": t3 - t0, "forward": t1 - t0, "loss": t2 - t1, "matcher": matched[0]})
+            rows.append({"step": t3 - t0, "forward": t1 - t0, "loss": t2 - t1, "matcher": matched[0], "rest": t3 - t2})
 
     step = statistics.median(r["step"] for r in rows)
     return {
@@ -126,6 +130,8 @@ def measure(config: str, overrides: list[str], iters: int, warmup: int, device: 
         "forward_share": statistics.median(r["forward"] / r["step"] for r in rows),
         "loss_share": statistics.median(r["loss"] / r["step"] for r in rows),
         "matcher_share": statistics.median(r["matcher"] / r["step"] for r in rows),
+        "backward_share": statistics.median(r["rest"] / r["step"] for r in rows),
+        "deterministic": bool(cfg.train.deterministic),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "batch": cfg.train.batch_size,
@@ -136,7 +142,7 @@ def measure(config: str, overrides: list[str], iters: int, warmup: int, device: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "demo_m2f.yaml"))
+    p.add_argument("--config", default="demo_m2f.yaml")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precisions", default="float32,bfloat16")
@@ -183,15 +189,17 @@ def main() -> None:
         f"{first['crop']}, {args.iters} timed iterations after {args.warmup} warm-up, device {first['device']}"
     )
     header = (
-        f"{'precision':>9} {'threads':>7} {'s/iter':>7} {'forward %':>9} {'loss %':>7} {'matcher %':>9} "
+        f"{'precision':>9} {'determ.':>7} {'threads':>7} {'s/iter':>7} {'forward %':>9} {'loss %':>7} {'matcher %':>9} "
+        f"{'bwd+opt %':>9} "
         f"{'peak RSS MiB':>12} {'CUDA peak MiB':>13}"
     )
     print(header)
     for r in results:
         cuda = f"{r['cuda_peak_mib']:13.0f}" if r["cuda_peak_mib"] is not None else f"{'-':>13}"
         print(
-            f"{r['precision']:>9} {r['threads']:>7} {r['s_per_iter']:7.3f} {100 * r['forward_share']:9.1f} "
-            f"{100 * r['loss_share']:7.1f} {100 * r['matcher_share']:9.1f} {r['peak_rss_mib']:12.0f} {cuda}"
+            f"{r['precision']:>9} {str(r['deterministic']):>7} {r['threads']:>7} {r['s_per_iter']:7.3f} "
+            f"{100 * r['forward_share']:9.1f} {100 * r['loss_share']:7.1f} {100 * r['matcher_share']:9.1f} "
+            f"{100 * r['backward_share']:9.1f} {r['peak_rss_mib']:12.0f} {cuda}"
         )
 
 

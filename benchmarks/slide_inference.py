@@ -29,6 +29,7 @@ over few runs is noisy at the 1-2% level compared here; the default run takes ab
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -37,6 +38,7 @@ from _memory import measure
 
 from dinoseg.eval.segmentation.inference import AccumulatorBuffer, slide_crop_boxes, slide_inference
 from dinoseg.eval.segmentation.models import build_segmentation_decoder
+from dinoseg.models.backbones import make_backbone
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
 VITS16 = {
@@ -114,6 +116,19 @@ def make_runs(segmentor, x, batches, crop_hw, crop, stride, result_shape, option
     return {fn: [] for fn in (bare, slide, slide_buffer, first_touch)}
 
 
+def profile(fn, device) -> None:
+    """The ten ops that take the most time in one call of `fn` (device time on CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=60), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="512x683,1024x2048", help="comma-separated HxW input sizes")
@@ -124,12 +139,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each, at least (the minimum is reported)")
     parser.add_argument("--min-seconds", type=float, default=240.0, help="timed rounds per size last at least this")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default="vits16", help="vits16 (the ViT-S/16 below) or a hub name, e.g. dinov3_vitl16")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="autocast dtype of the segmentor")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one slide call per size")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone = DinoVisionTransformer(**VITS16)
-    segmentor = build_segmentation_decoder(backbone, "LAST", "linear", num_classes=args.num_classes).to(device).eval()
+    backbone = DinoVisionTransformer(**VITS16) if args.arch == "vits16" else make_backbone(args.arch, pretrained=False)
+    segmentor = build_segmentation_decoder(backbone, "LAST", "linear", num_classes=args.num_classes,
+                                           autocast_dtype=getattr(torch, args.precision)).to(device).eval()
     crop, stride = (args.crop, args.crop), (args.stride, args.stride)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
 
@@ -139,7 +159,8 @@ def main():
         else f"device: {torch.cuda.get_device_name()}"
     )
     print(
-        f"ViT-S/16 random weights, linear head {args.num_classes} classes, crop {args.crop}, stride {args.stride}, "
+        f"{args.arch} random weights, {args.precision}, linear head {args.num_classes} classes, crop {args.crop}, "
+        f"stride {args.stride}, "
         f"crop batch {args.crop_batch_size}, min of >= {args.repeats} interleaved runs"
     )
     memory_kind = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS (sampled)"
@@ -177,6 +198,8 @@ def main():
                 f"{m_bare:>9.0f} {m_slide:>9.0f} {m_out:>8.0f} {t_alloc:>7.3f} {rounds:>6}",
                 flush=True,
             )
+            if args.profile:
+                profile(functools.partial(slide_inference, x, segmentor, crop_size=crop, stride=stride, **options), device)
     print(
         f"memory: {memory_kind}, above the level before each call; alloc s: allocating and first-touching one "
         "result-sized float32 tensor; ratios: minimum time / minimum model time; in-run: median of total / in-model"

@@ -6,6 +6,7 @@ BACKBONE = [item for item in TINY if item.startswith("model.")]
 
 TINY_DEPTH = [
     "task=depth",
+    "device=cpu",
     *BACKBONE,
     "datasets.train=SyntheticDepth:split=TRAIN:num_samples=32:image_size=64",
     "datasets.val=SyntheticDepth:split=VAL:num_samples=6:image_size=64",

@@ -8,6 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
+    "device=cpu",  # the tests mean the CPU, also on a machine with a GPU (tests/test_cuda.py covers CUDA)
     "model.dino_hub=null",
     "model.backbone_kwargs.patch_size=16",
     "model.backbone_kwargs.embed_dim=32",

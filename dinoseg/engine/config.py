@@ -98,6 +98,9 @@ class TrainConfig:
     log_interval: int = 50
     resume: bool = False  # continue from <output_dir>/checkpoint_last.pth
     tensorboard: bool = False
+    # Deterministic algorithms on CUDA (cuBLAS, cuDNN, and dinoseg's own replacements for the ops that have none),
+    # so that a run, and a killed and resumed run, give the same weights; slower. CPU runs are deterministic anyway.
+    deterministic: bool = False
 
 
 # Keys of the shared sections that a resumed run may change: they touch bookkeeping, not the model, the data or

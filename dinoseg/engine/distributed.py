@@ -41,6 +41,11 @@ def setup(device_name: str | None = None) -> torch.device:
     device = resolve_device(device_name)
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        visible = torch.cuda.device_count()
+        if max(local_rank + 1, local_world) > visible:  # every process says so, before any waits for the others
+            raise TrainingError(f"{max(local_rank + 1, local_world)} processes on this machine but {visible} GPU(s) "
+                                f"visible: one process per GPU (torchrun --nproc_per_node={visible}), or device=cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not is_enabled():

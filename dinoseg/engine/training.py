@@ -1,6 +1,7 @@
 """Pieces of every training loop: seeds, the resumable stream of training batches, the sharded evaluation loader,
 and DDP over the trainable part of a model."""
 
+import os
 import random
 
 import numpy as np
@@ -11,6 +12,15 @@ from ..data.loaders import InfiniteDataloader, make_data_loader
 from ..models.frozen import frozen_prefixes
 from . import distributed
 from .sampling import EpochSeededDataset, InfiniteShardedSampler
+
+
+def make_deterministic() -> None:
+    """`train.deterministic`: the same run gives the same weights on CUDA too (kill and resume included), at some
+    speed. Call before the first CUDA work: cuBLAS reads its workspace setting when it starts."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_everything(seed: int) -> None:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ...data.adapters import DatasetWithEnumeratedTargets
@@ -24,7 +23,8 @@ from ...engine.files import write_atomically
 from ...engine.optim import OptimizerStep, TrainingError, TrainingInterrupted
 from ...engine.rundir import RunDirectory
 from ...engine.schedulers import build_scheduler
-from ...engine.training import evaluation_loader, seed_everything, training_batches, wrap_distributed
+from ...engine.training import evaluation_loader, make_deterministic, seed_everything, training_batches, wrap_distributed
+from ...layers.deterministic import resize_bilinear
 from ...models.checkpoint import load_head_state_dict
 from ...models.frozen import head_state_dict, set_train_mode
 from .config import DepthConfig
@@ -77,7 +77,7 @@ def depth_loss(criterion, pred: torch.Tensor, depth: torch.Tensor, eval_mask: st
     valid = make_valid_mask(depth, eval_crop=eval_mask, ignored_value=ignored_value)
     depth = depth.masked_fill(~valid, ignored_value)
     if pred.shape[-2:] != depth.shape[-2:]:
-        pred = F.interpolate(pred, size=depth.shape[-2:], mode="bilinear", align_corners=False)
+        pred = resize_bilinear(pred, depth.shape[-2:])
     return criterion(pred, depth, valid)
 
 
@@ -93,6 +93,8 @@ def next_batch(batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_depth(cfg: DictConfig) -> dict:
     # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
+    if cfg.train.deterministic:
+        make_deterministic()
     device = distributed.setup(cfg.device)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if cfg.train.batch_size % world:

@@ -5,11 +5,11 @@ many classes a head checkpoint of its kind holds. Everything else treats heads a
 """
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ...data.datasets.base import IGNORE_INDEX
 from ...engine.config import ConfigError
+from ...layers.deterministic import resize_bilinear
 from .loss import MultiSegmentationLoss
 from .m2f_loss import Mask2FormerLoss
 from .models import DecoderType, Mask2FormerOptions
@@ -30,7 +30,7 @@ class LinearDecoder:
     @staticmethod
     def loss(criterion, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Logits live on the patch grid: upsample them to the label resolution, in float32.
-        logits = F.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = resize_bilinear(outputs.float(), labels.shape[-2:])
         return criterion(logits, labels)
 
     @staticmethod

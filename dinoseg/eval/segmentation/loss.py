@@ -1,8 +1,9 @@
 """Segmentation training loss: weighted sum of a softmax multi-class Dice loss and cross-entropy."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ...layers.deterministic import cross_entropy, resize_bilinear
 
 __all__ = ["MultiSegmentationLoss", "softmax_dice_loss"]
 
@@ -71,7 +72,7 @@ class MultiSegmentationLoss(nn.Module):
             raise TypeError(f"MultiSegmentationLoss: target must hold integer labels, got {target.dtype}")
         target = target.long()
         if pred.shape[-2:] != target.shape[-2:]:
-            pred = F.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            pred = resize_bilinear(pred, target.shape[-2:])
         num_classes = pred.shape[1]
         valid = target != self.ignore_index
         bad = valid & ((target < 0) | (target >= num_classes))
@@ -82,7 +83,7 @@ class MultiSegmentationLoss(nn.Module):
             )
         loss = pred.new_zeros((), dtype=torch.float32)
         if self.celoss_weight:
-            ce = F.cross_entropy(pred.float(), target, ignore_index=self.ignore_index, reduction="sum")
+            ce = cross_entropy(pred.float(), target, ignore_index=self.ignore_index, reduction="sum")
             loss = loss + self.celoss_weight * ce / valid.sum().clamp(min=1)
         if self.diceloss_weight:
             loss = loss + self.diceloss_weight * softmax_dice_loss(pred, target, valid)

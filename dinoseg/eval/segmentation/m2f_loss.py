@@ -24,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ...engine import distributed
+from ...layers.deterministic import cross_entropy, grid_sample_bilinear
 
 __all__ = [
     "HungarianMatcher",
@@ -93,8 +94,8 @@ def point_sample(
     grid = 2.0 * point_coords - 1.0  # grid_sample works in [-1, 1]
     kwargs = {"align_corners": align_corners, "padding_mode": padding_mode}
     if point_coords.dim() == 3:
-        return F.grid_sample(input, grid.unsqueeze(2), **kwargs).squeeze(3)
-    return F.grid_sample(input, grid, **kwargs)
+        return grid_sample_bilinear(input, grid.unsqueeze(2), **kwargs).squeeze(3)
+    return grid_sample_bilinear(input, grid, **kwargs)
 
 
 def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
@@ -292,7 +293,7 @@ class SetCriterion(nn.Module):
                 [t["labels"].to(logits.device)[tgt] for t, (_, tgt) in zip(targets, indices)]
             )
         weight = self.empty_weight.to(logits.device)
-        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight)}
+        return {"loss_ce": cross_entropy(logits.transpose(1, 2), classes, weight)}
 
     def loss_masks(self, outputs: dict, targets, indices, num_masks: float) -> dict[str, torch.Tensor]:
         pred_masks = outputs["pred_masks"]

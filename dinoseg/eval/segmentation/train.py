@@ -18,7 +18,7 @@ from ...engine.config import Precision, scheduler_kwargs
 from ...engine.optim import OptimizerStep, TrainingError, TrainingInterrupted
 from ...engine.rundir import RunDirectory
 from ...engine.schedulers import build_scheduler
-from ...engine.training import evaluation_loader, seed_everything, training_batches, wrap_distributed
+from ...engine.training import evaluation_loader, make_deterministic, seed_everything, training_batches, wrap_distributed
 from ...models.checkpoint import load_head_state_dict
 from ...models.frozen import set_train_mode
 from .config import SegmentationConfig
@@ -38,6 +38,8 @@ BOOKKEEPING_KEYS = COMMON_BOOKKEEPING_KEYS + ("eval.crop_batch_size", "eval.save
 
 def train_segmentation(cfg: DictConfig) -> dict:
     # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
+    if cfg.train.deterministic:
+        make_deterministic()
     device = distributed.setup(cfg.device)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if cfg.train.batch_size % world:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .....layers.deterministic import resize_bilinear
+
 
 class ConvModule(nn.Module):
     """Conv2d with an optional ReLU, before it (`act_first`, pre-activation) or after it. Key: ``conv.*``."""
@@ -51,6 +53,9 @@ class Interpolate(nn.Module):
         self.align_corners = align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bilinear" and float(self.scale_factor).is_integer():  # (deterministic on CUDA when asked)
+            size = (x.shape[-2] * int(self.scale_factor), x.shape[-1] * int(self.scale_factor))
+            return resize_bilinear(x, size, self.align_corners)
         return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners)
 
 
@@ -159,15 +164,13 @@ class FeatureFusionBlock(nn.Module):
         if skip is not None:
             if x.shape[-2:] != skip.shape[-2:]:
                 if self.legacy_resize:  # the official rule: the skip feature is stretched to the running one
-                    skip = F.interpolate(skip, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                    skip = resize_bilinear(skip, x.shape[-2:])
                 else:
-                    x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+                    x = resize_bilinear(x, skip.shape[-2:])
             x = x + self.res_conv_unit1(skip)
         x = self.res_conv_unit2(x)
-        if size is None:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=self.align_corners)
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=self.align_corners)
+        size = (2 * x.shape[-2], 2 * x.shape[-1]) if size is None else tuple(size)
+        x = resize_bilinear(x, size, self.align_corners)
         return self.project(x)
 
 

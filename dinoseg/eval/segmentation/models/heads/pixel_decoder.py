@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .....layers.deterministic import resize_bilinear
 from ..utils.ms_deform_attn import MSDeformAttn
 from ..utils.position_encoding import PositionEmbeddingSine
 
@@ -251,7 +252,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             ]
             lateral = self.lateral_convs[0](features[FPN_FEATURE].to(dtype))
             # FPN merge with the finest encoder level (stride 8), bilinear like the official code
-            y = lateral + F.interpolate(out[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            y = lateral + resize_bilinear(out[-1], lateral.shape[-2:])
             out.append(self.output_convs[0](y))
             multi_scale_features = out[: self.num_feature_levels]
             return self.mask_feature(out[-1]), out[0], multi_scale_features

@@ -159,6 +159,9 @@ def ms_deform_attn_core(
         args = (value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
         if impl == "auto":
             impl = "gather" if value.shape[-1] >= AUTO_GATHER_MIN_HEAD_DIM else "grid_sample"
+            # grid_sample's CUDA backward has no deterministic kernel; the gather path's has.
+            if value.is_cuda and torch.is_grad_enabled() and torch.are_deterministic_algorithms_enabled():
+                impl = "gather"
         out = _core_grid_sample(*args) if impl == "grid_sample" else _core_gather(*args)
     return out.to(out_dtype)
 
