@@ -5,7 +5,8 @@ weights under the official protocol (short side 896, slide 896 / 596, test-time 
     python benchmarks/big_model_memory.py --device cpu --proxy      # a depth-8 backbone of the 7B's width
 
 The segmentor is `dinov3_vit7b16_ms(pretrained=False)` (hidden 2048, 150 classes) with random weights, its class
-embeddings scaled up so that classes are decided (random ones leave near-ties that any rounding flips). One image
+embeddings scaled up 100x so that classes are decided as a trained head's are (at their initial scale the class
+scores are near-uniform, and their near-ties flip under any rounding). One image
 (896 x 1195 on CUDA) goes through the official protocol with the weights in float32, then, cast in place with
 `cast_weights` (what `dtype=` / `model.weights_dtype` do), in each half dtype asked for. Per dtype it prints the
 weights' memory, the peak memory of the inference (CUDA: `max_memory_allocated`; CPU: the process's VmHWM, reset
@@ -73,7 +74,7 @@ def main() -> None:
     model = dinov3_vit7b16_ms(pretrained=False, device=device, backbone_options={"depth": 8} if args.proxy else None)
     model.eval()
     with torch.no_grad():
-        model.segmentation_model[1].predictor.class_embed.weight.mul_(20)
+        model.segmentation_model[1].predictor.class_embed.weight.mul_(100)
     settings = InferenceSettings(
         mode=InferenceMode.SLIDE, crop_size=(896 // scale,) * 2, stride=(596 // scale,) * 2,
         crop_batch_size=args.crop_batch_size, tta_ratios=(1.0,) if args.proxy else (0.9, 0.95, 1.0, 1.05, 1.1),

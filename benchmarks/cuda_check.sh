@@ -16,8 +16,9 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/device.txt"
 
-step() {  # name, seconds, command...
+step() {  # name, seconds, command...   (STEPS="big_model cuda_tests" runs only those)
   local name=$1 limit=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -39,4 +40,4 @@ step m2f_train 90 python3 benchmarks/m2f_train_step.py --device cuda --precision
 # shellcheck disable=SC2086
 step m2f_train_deterministic 90 python3 benchmarks/m2f_train_step.py --device cuda --precisions bfloat16 --iters 5 \
   --warmup 2 $M2F_VITL train.deterministic=true
-step cuda_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py
+step cuda_tests 200 python3 -m pytest -v -x -p no:cacheprovider tests/test_cuda.py

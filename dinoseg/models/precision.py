@@ -1,11 +1,12 @@
 """Half-precision weights: which tensors may be stored in bfloat16 / float16 and which stay float32.
 
 Storing a frozen backbone (and, for inference, a head) in half precision halves its memory. The parts that the
-official code computes in float32 keep float32 weights: normalisations (their statistics and affine parameters),
-the RoPE periods, and modules that declare `keep_float32 = True` (the Mask2Former pixel decoder and the deformable
-attention, which the official code runs outside autocast). A model holding half weights runs its forward under
-autocast in that dtype (see `FeatureDecoder`), so matrix products run in half precision while normalisations,
-softmaxes and the float32 modules run in float32, as under the official mixed precision.
+official code computes in float32 keep float32 weights: normalisations (their statistics and affine parameters)
+and the RoPE periods. A model holding half weights runs its forward under autocast in that dtype (see
+`FeatureDecoder`), so matrix products run in half precision while normalisations, softmaxes, the deformable
+sampling (`ms_deform_attn_core`) and the score accumulators stay in float32, as under the official mixed
+precision; the Mask2Former pixel decoder, which the official code runs outside autocast in float32, runs under
+autocast too when its weights are half (see its `forward_features`).
 """
 
 import contextlib
@@ -24,7 +25,7 @@ def float32_names(model: nn.Module) -> set[str]:
     keep = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if getattr(module, "keep_float32", False) or isinstance(module, NORMS):
+        if isinstance(module, NORMS):
             keep |= {prefix + n for n, _ in module.named_parameters()} | {prefix + n for n, _ in module.named_buffers()}
         else:
             keep |= {prefix + n for n, _ in module.named_buffers(recurse=False) if n in KEEP_FLOAT32_BUFFERS}

@@ -386,16 +386,18 @@ class DINOv3_Adapter(nn.Module):
             t.transpose(1, 2).reshape(B, self.embed_dim, hh, ww)
             for t, (hh, ww) in zip(c.split([hh * ww for hh, ww in c_shapes], dim=1), c_shapes)
         )
-        c1 = self.up(c2) + c1
-        outs = [c1, c2, c3, c4]
-        if self.add_vit_feature:
-            outs = [
-                o + F.interpolate(v, size=o.shape[-2:], mode="bilinear", align_corners=False)
-                for o, v in zip(outs, vit_maps)
-            ]
+        levels = [self.up(c2) + c1, c2, c3, c4]
+        del c, c1, c2, c3, c4
         norms = (self.norm1, self.norm2, self.norm3, self.norm4)
         result = {}
-        for i, (o, norm, stride) in enumerate(zip(outs, norms, (4,) + QUERY_STRIDES)):
+        # One level at a time, dropping each input once used: at the stride-4 level a map of embed_dim channels
+        # is large (the 7B's is 1 GB at 896 x 896), and holding every level's sums at once adds several of them.
+        for i, (norm, stride) in enumerate(zip(norms, (4,) + QUERY_STRIDES)):
+            o, levels[i] = levels[i], None
+            if self.add_vit_feature:
+                o = o + F.interpolate(vit_maps[i], size=o.shape[-2:], mode="bilinear", align_corners=False)
+                vit_maps[i] = None
             # Crop before the norm so training statistics ignore the padding.
             result[str(i + 1)] = norm(o[..., : (H + stride - 1) // stride, : (W + stride - 1) // stride])
+            del o
         return result

@@ -163,8 +163,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
     32, [stride-32, stride-16, stride-8 features])``, the last list being the decoder's memory levels.
     """
 
-
-    keep_float32 = True  # the official code runs it in float32 (see `dinoseg.models.precision`)
     def __init__(
         self,
         in_channels: Sequence[int],
@@ -234,23 +232,24 @@ class MSDeformAttnPixelDecoder(nn.Module):
         if missing:
             raise KeyError(f"pixel decoder: missing input features {missing} (got {sorted(features)})")
         device_type = features[FPN_FEATURE].device.type
-        # Official behaviour: the whole pixel decoder runs in float32, outside autocast. Its weights stay float32
-        # when a model is stored in half precision (`keep_float32`); a model cast whole with `.to` runs it in
-        # the dtype of its weights instead.
+        # Official behaviour: the whole pixel decoder runs in float32, outside autocast. With its weights stored in
+        # half precision (`dinoseg.models.precision`) it runs under autocast in that dtype instead: products in
+        # half precision, normalisations and the deformable sampling in float32.
         dtype = self.mask_feature.weight.dtype
-        with torch.autocast(device_type=device_type, enabled=False):
+        half = dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(device_type=device_type, dtype=dtype if half else torch.float32, enabled=half):
             srcs, pos = [], []
             for conv, f in zip(self.input_convs, ENCODER_FEATURES):
-                x = features[f].to(dtype)
+                x = features[f] if half else features[f].to(dtype)
                 srcs.append(conv(x))
-                pos.append(self.pe_layer(x).to(dtype))
+                pos.append(self.pe_layer(x).to(x.dtype))
             memory, spatial_shapes = self.encoder(srcs, pos)
             B = memory.shape[0]
             out = [
                 t.transpose(1, 2).reshape(B, -1, h, w)
                 for t, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)
             ]
-            lateral = self.lateral_convs[0](features[FPN_FEATURE].to(dtype))
+            lateral = self.lateral_convs[0](features[FPN_FEATURE] if half else features[FPN_FEATURE].to(dtype))
             # FPN merge with the finest encoder level (stride 8), bilinear like the official code
             y = lateral + resize_bilinear(out[-1], lateral.shape[-2:])
             out.append(self.output_convs[0](y))

@@ -178,8 +178,6 @@ class MSDeformAttn(nn.Module):
         impl: sampling implementation passed to :func:`ms_deform_attn_core`.
     """
 
-
-    keep_float32 = True  # sampling offsets address sub-pixel positions (see `dinoseg.models.precision`)
     def __init__(
         self,
         d_model: int = 256,
