@@ -36,7 +36,7 @@ def _resize_matrix(size_in: int, size_out: int, align_corners: bool, like: torch
 
 def resize_bilinear(x: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
     """`F.interpolate(x, size, mode="bilinear", align_corners=...)` for [N, C, H, W]."""
-    size = tuple(int(s) for s in size)
+    size = tuple(size)  # no int(): under ONNX export a symbolic size would become a constant
     if not _deterministic(x):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
     rows = _resize_matrix(x.shape[-2], size[0], align_corners, x)
