@@ -118,6 +118,29 @@ def test_pretrained_depther_loads_local_files_strictly(tmp_path, monkeypatch):
         dinov3_vitl16_chmv2(weights=str(tmp_path / "wrong.pth"), backbone_weights=str(backbone_file), backbone_options=arch)
 
 
+def test_pretrained_depther_in_half_precision(tmp_path, monkeypatch):
+    """`dtype=` stores backbone and head in half precision (norms float32) and stays close to float32 weights."""
+    monkeypatch.setattr(hub_depthers, "chmv2_depther_config", lambda: SMALL_CHMV2)
+    arch = dict(embed_dim=32, depth=24, num_heads=2)
+    torch.manual_seed(0)
+    reference = dinov3_vitl16_chmv2(pretrained=False, backbone_options=arch)
+    torch.save(reference.encoder.backbone.state_dict(), tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")
+    torch.save(reference.decoder.state_dict(), tmp_path / "head.pth")
+    half = dinov3_vitl16_chmv2(weights=str(tmp_path / "head.pth"), backbone_weights=str(tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"),
+                               backbone_options=arch, dtype=torch.bfloat16)
+    dtypes = {n: t.dtype for n, t in half.named_parameters()}
+    assert dtypes["encoder.backbone.blocks.0.attn.qkv.weight"] == torch.bfloat16
+    assert dtypes["encoder.backbone.norm.weight"] == torch.float32
+    assert {d for n, d in dtypes.items() if n.startswith("decoder.") and n.endswith("conv.weight")} == {torch.bfloat16}
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        expected, got = reference(x), half(x)  # float32 input, no autocast asked: the half weights imply it
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    random = dinov3_vitl16_chmv2(pretrained=False, backbone_options=arch, dtype=torch.float16)
+    assert random.encoder.backbone.blocks[0].mlp.fc1.weight.dtype == torch.float16
+
+
 def test_sat_backbone_layout_follows_the_backbone_weights():
     plain = dinov3_vitl16_chmv2(pretrained=False, device="meta", backbone_weights="LVD1689M")
     assert plain.encoder.backbone.local_cls_norm is None

@@ -168,3 +168,27 @@ def test_config_weights_dtype_for_training_and_inference(tmp_path):
     assert model.segmentation_model[1].conv.weight.dtype == torch.bfloat16  # inference: the head in half too
     assert model.segmentation_model[1].batchnorm_layer.weight.dtype == torch.float32
     assert main(["eval", str(out / "segmentation_config.yaml"), f"head={out / LAST}"]) == 0
+
+
+def test_config_weights_dtype_for_depth_training_and_inference(tmp_path):
+    from dinoseg.eval.depth.config import load_config
+    from dinoseg.eval.depth.run import load_depther
+
+    from ._depth_run import tiny_depth
+
+    out = tmp_path / "run"
+    assert main(["train", *tiny_depth(out, total_iter=4, checkpoint_interval=4), "model.weights_dtype=bfloat16"]) == 0
+    ckpt = torch.load(out / LAST, map_location="cpu", weights_only=True)
+    assert all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())  # the trained head keeps float32 weights
+    cfg = load_config([out / "depth_config.yaml"], [f"head={out / LAST}"])
+    model = load_depther(cfg, torch.device("cpu"))
+    assert model.encoder.backbone.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.decoder.conv_depth.weight.dtype == torch.bfloat16  # inference: the head in half too
+    assert model.decoder.batchnorm_layer.weight.dtype == torch.float32
+    full = load_depther(load_config([out / "depth_config.yaml"], [f"head={out / LAST}", "model.weights_dtype=float32"]),
+                        torch.device("cpu"))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, got = full(x), model(x)
+    assert got.dtype == torch.float32 and (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert main(["eval", str(out / "depth_config.yaml"), f"head={out / LAST}"]) == 0

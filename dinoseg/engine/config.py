@@ -51,7 +51,7 @@ class ModelConfig:
     # Seed of the random backbone weights when pretrained_weights is None (so eval/predict rebuild the same one).
     random_init_seed: int = 0
     # Storage dtype of the frozen backbone (and, in eval / predict, of the head): bfloat16 / float16 halve its memory;
-    # normalisations, RoPE periods and the float32 modules stay float32, and the forward runs under autocast.
+    # normalisations and RoPE periods stay float32, and the forward runs under autocast in that dtype.
     weights_dtype: Precision = Precision.FLOAT32
 
 

@@ -14,10 +14,12 @@ from ..eval.depth.models import DecoderConfig, Depther, load_decoder_checkpoint,
 from ..eval.depth.models.released import DepthWeights, chmv2_depther_config, dpt_depther_config, head_location
 from ..models.backbones import Weights, make_backbone, needs_untied_norm, official_weights_filename
 from ..models.checkpoint import CheckpointError, resolve_weights_path
+from ..models.precision import cast_weights
 
 
 def _build(backbone_name: str, config: DecoderConfig, *, pretrained: bool, weights, default: DepthWeights,
-           backbone_weights, check_hash: bool, autocast_dtype: torch.dtype, device, backbone_options: dict | None) -> Depther:
+           backbone_weights, check_hash: bool, autocast_dtype: torch.dtype, device, dtype: torch.dtype | None,
+           backbone_options: dict | None) -> Depther:
     options = dict(backbone_options or {})
     if not pretrained:
         # The architecture still follows the backbone weights named (the SAT ViT-L has an extra class norm).
@@ -29,16 +31,20 @@ def _build(backbone_name: str, config: DecoderConfig, *, pretrained: bool, weigh
         options.setdefault("untie_global_and_local_cls_norm", needs_untied_norm(backbone_name, named))
         backbone = make_backbone(backbone_name, pretrained=False, device=device, **options)
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return make_depther_from_config(backbone, config, autocast_dtype=autocast_dtype)
+            depther = make_depther_from_config(backbone, config, autocast_dtype=autocast_dtype)
+        return cast_weights(depther, dtype) if dtype is not None else depther
     # Check the head file first: fail before spending minutes on a multi-GB backbone.
     head = str(resolve_weights_path(head_location(backbone_name, weights, default), check_hash=check_hash))
-    backbone = make_backbone(backbone_name, pretrained=True, weights=backbone_weights, check_hash=check_hash, **options)
+    backbone = make_backbone(backbone_name, pretrained=True, weights=backbone_weights, check_hash=check_hash,
+                             dtype=dtype, **options)
     with torch.device("meta"):
         depther = make_depther_from_config(backbone, config, autocast_dtype=autocast_dtype)
     load_decoder_checkpoint(depther, head)
     left = [n for n, t in (*depther.named_parameters(), *depther.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{head}: tensors left uninitialised after loading: {', '.join(left[:5])}")
+    if dtype is not None:
+        cast_weights(depther, dtype)  # the head (the backbone was stored in `dtype` as it loaded)
     return depther.to(device) if device is not None else depther
 
 
@@ -51,6 +57,7 @@ def dinov3_vit7b16_dd(
     autocast_dtype: torch.dtype = torch.float32,
     depth_range: tuple[float, float] | None = None,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     backbone_options: dict | None = None,
 ) -> Depther:
     """The released DINOv3 ViT-7B/16 depther: DPT head (512 channels, layers [9, 19, 29, 39], 256 linear bins)
@@ -61,6 +68,9 @@ def dinov3_vit7b16_dd(
             ``https://`` URL, or ``DepthWeights.SYNTHMIX`` for the file in the torch hub cache.
         backbone_weights: the ViT-7B checkpoint, as for :func:`dinoseg.hub.dinov3_vit7b16`.
         autocast_dtype: mixed precision on the input's device; float32 (the default) disables it.
+        dtype: ``torch.bfloat16`` / ``torch.float16`` store the weights (backbone and head) in half precision, the
+            backbone read from its float32 file tensor by tensor; normalisations stay float32 and the forward runs
+            under autocast in that dtype.
         pretrained: False builds random weights (``device="meta"`` allocates nothing).
         backbone_options: architecture overrides for ``make_backbone`` (for tests and other heads).
 
@@ -69,7 +79,8 @@ def dinov3_vit7b16_dd(
     """
     return _build("dinov3_vit7b16", dpt_depther_config("dinov3_vit7b16", depth_range), pretrained=pretrained,
                   weights=weights, default=DepthWeights.SYNTHMIX, backbone_weights=backbone_weights,
-                  check_hash=check_hash, autocast_dtype=autocast_dtype, device=device, backbone_options=backbone_options)
+                  check_hash=check_hash, autocast_dtype=autocast_dtype, device=device, dtype=dtype,
+                  backbone_options=backbone_options)
 
 
 def dinov3_vitl16_chmv2(
@@ -80,6 +91,7 @@ def dinov3_vitl16_chmv2(
     autocast_dtype: torch.dtype = torch.float32,
     *,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     backbone_options: dict | None = None,
 ) -> Depther:
     """The released CHMv2 canopy-height model: DPT head (class-token readout, mixed-log bins, 0.001-96 m) on the
@@ -93,7 +105,7 @@ def dinov3_vitl16_chmv2(
     """
     return _build("dinov3_vitl16", chmv2_depther_config(), pretrained=pretrained, weights=weights,
                   default=DepthWeights.CHMV2, backbone_weights=backbone_weights, check_hash=check_hash,
-                  autocast_dtype=autocast_dtype, device=device, backbone_options=backbone_options)
+                  autocast_dtype=autocast_dtype, device=device, dtype=dtype, backbone_options=backbone_options)
 
 
 __all__ = ["DepthWeights", "dinov3_vit7b16_dd", "dinov3_vitl16_chmv2"]

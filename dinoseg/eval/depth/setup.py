@@ -10,6 +10,7 @@ from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.backbones import build_backbone as _build_backbone
 from ...models.frozen import freeze_backbone
+from ...models.precision import cast_weights
 from .config import (
     DecoderConfig,
     loss_weights,
@@ -24,7 +25,8 @@ from .models import Depther, load_decoder_state_dict, make_depther_from_config
 def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     m = cfg.model
     kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
-    return freeze_backbone(_build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed))
+    dtype = Precision(m.weights_dtype).dtype
+    return freeze_backbone(_build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype))
 
 
 def decoder_config(cfg: DictConfig) -> DecoderConfig:
@@ -42,8 +44,10 @@ def build_model(cfg: DictConfig, backbone: torch.nn.Module | None = None) -> Dep
 
 def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -> Depther:
     """The configured depther with its head loaded strictly from `head_state_dict` (named `source` in errors):
-    ours (``decoder.*``), the official trainer's (``module.*``) or a released head file (no prefix)."""
-    return load_decoder_state_dict(build_model(cfg), head_state_dict, source=source)
+    ours (``decoder.*``), the official trainer's (``module.*``) or a released head file (no prefix). With
+    `model.weights_dtype` half, the head is stored in half precision too."""
+    depther = load_decoder_state_dict(build_model(cfg), head_state_dict, source=source)
+    return cast_weights(depther, Precision(cfg.model.weights_dtype).dtype)
 
 
 def build_criterion(cfg: DictConfig) -> MultiLoss:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dinoseg.eval.utils import BackboneLayersSet, autocast_context
+from dinoseg.eval.utils import BackboneLayersSet
+from dinoseg.models.precision import weights_autocast
 
 from .bins import create_chmv2_mixlog_bins, create_outputs_with_chmv2_mixlog_norm
 from .encoder import DinoVisionTransformerWrapper, PatchSizeAdaptationStrategy
@@ -139,7 +140,8 @@ class Depther(nn.Module):
     [B, 1, h, w] in metres (the head's resolution: patch grid for linear heads, 16 pixels per patch for DPT).
 
     `autocast_dtype` is the mixed precision of the encoder and decoder on the input's device; float32 means no
-    autocast on any device. The conversion to depth always runs in float32. Nothing is moved between
+    autocast on any device, unless the weights are stored in half precision (`dinoseg.models.precision`), which
+    implies autocast in their dtype. The conversion to depth always runs in float32. Nothing is moved between
     devices: ``depther.to(device)`` as for any module.
     """
 
@@ -153,7 +155,7 @@ class Depther(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast_context(x.device.type, self.autocast_dtype):
+        with weights_autocast(self, x.device.type, self.autocast_dtype):
             logits = self.decoder(self.encoder(x))
         return self.features_to_depth(logits.float())
 
