@@ -126,7 +126,8 @@ def test_pretrained_depther_in_half_precision(tmp_path, monkeypatch):
     reference = dinov3_vitl16_chmv2(pretrained=False, backbone_options=arch)
     torch.save(reference.encoder.backbone.state_dict(), tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth")
     torch.save(reference.decoder.state_dict(), tmp_path / "head.pth")
-    half = dinov3_vitl16_chmv2(weights=str(tmp_path / "head.pth"), backbone_weights=str(tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"),
+    half = dinov3_vitl16_chmv2(weights=str(tmp_path / "head.pth"),
+                               backbone_weights=str(tmp_path / "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth"),
                                backbone_options=arch, dtype=torch.bfloat16)
     dtypes = {n: t.dtype for n, t in half.named_parameters()}
     assert dtypes["encoder.backbone.blocks.0.attn.qkv.weight"] == torch.bfloat16
