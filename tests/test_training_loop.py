@@ -68,8 +68,11 @@ def test_checkpoints_keep_the_best_scores_and_say_where_to_resume(tmp_path):
     assert resumed.best == {"mIoU": 0.5, "iteration": 4} and resumed.saved == 5
 
 
-def test_the_global_batch_must_split_over_the_processes(monkeypatch):
-    assert start_processes("cpu", batch_size=3, deterministic=False) == torch.device("cpu")
+def test_processes_are_seeded_and_the_global_batch_must_split_over_them(monkeypatch):
+    assert start_processes("cpu", batch_size=3, deterministic=False, seed=5) == torch.device("cpu")
+    drawn = torch.rand(3)
+    torch.manual_seed(5)  # seed + rank 0
+    assert torch.equal(drawn, torch.rand(3))
     monkeypatch.setattr("dinoseg.engine.distributed.get_world_size", lambda: 2)
     with pytest.raises(TrainingError, match="train.batch_size=3 does not split over 2 processes"):
-        start_processes("cpu", batch_size=3, deterministic=False)
+        start_processes("cpu", batch_size=3, deterministic=False, seed=0)

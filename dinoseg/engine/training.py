@@ -36,15 +36,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_processes(device: str | None, *, batch_size: int, deterministic: bool) -> torch.device:
+def start_processes(device: str | None, *, batch_size: int, deterministic: bool, seed: int) -> torch.device:
     """Deterministic mode (first: before any CUDA work), the process group under torchrun and this process's
-    device; the global `batch_size` must split evenly over the processes."""
+    device, its RNGs seeded with `seed` + rank; the global `batch_size` must split evenly over the processes."""
     if deterministic:
         make_deterministic()
     device = distributed.setup(device)
     world = distributed.get_world_size()
     if batch_size % world:
         raise TrainingError(f"train.batch_size={batch_size} does not split over {world} processes")
+    seed_everything(seed + distributed.get_rank())
     return device
 
 

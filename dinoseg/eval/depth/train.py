@@ -23,7 +23,6 @@ from ...engine.schedulers import build_scheduler
 from ...engine.training import (
     evaluation_loader,
     open_run,
-    seed_everything,
     start_processes,
     start_run,
     training_batches,
@@ -97,13 +96,13 @@ def next_batch(batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_depth(cfg: DictConfig) -> dict:
     # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
-    device = start_processes(cfg.device, batch_size=cfg.train.batch_size, deterministic=cfg.train.deterministic)
+    device = start_processes(cfg.device, batch_size=cfg.train.batch_size, deterministic=cfg.train.deterministic,
+                             seed=cfg.seed)
     rank = distributed.get_rank()
     with distributed.together():  # a failure on any process stops them all, before anything is written
         run = RunDirectory(cfg.output_dir, CONFIG_FILENAME, RUN_FILES)
         resumed = open_run(run, resume=cfg.train.resume, overwrite=cfg.overwrite_output_dir, config=cfg,
                            schema=DepthConfig, allowed_changes=BOOKKEEPING_KEYS)
-        seed_everything(cfg.seed + rank)
 
         # 2. Data: an endless, resumable stream of augmented training batches; sharded validation and test sets.
         train_set = build_train_dataset(cfg)
