@@ -95,7 +95,7 @@ def next_batch(batches) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_depth(cfg: DictConfig) -> dict:
-    # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
+    # 1. Processes, devices and seeds, the run directory and the checkpoint to resume from: all checked, nothing written.
     device = start_processes(cfg.device, batch_size=cfg.train.batch_size, deterministic=cfg.train.deterministic,
                              seed=cfg.seed)
     rank = distributed.get_rank()

@@ -41,7 +41,7 @@ BOOKKEEPING_KEYS = COMMON_BOOKKEEPING_KEYS + ("eval.crop_batch_size", "eval.save
 
 
 def train_segmentation(cfg: DictConfig) -> dict:
-    # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
+    # 1. Processes, devices and seeds, the run directory and the checkpoint to resume from: all checked, nothing written.
     device = start_processes(cfg.device, batch_size=cfg.train.batch_size, deterministic=cfg.train.deterministic,
                              seed=cfg.seed)
     rank = distributed.get_rank()
