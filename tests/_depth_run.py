@@ -1,6 +1,6 @@
 """Tiny depth runs for the task tests: the engine tests' tiny ViT on small synthetic depth scenes."""
 
-from .engine_utils import TINY
+from .engine_utils import TINY, run_args
 
 BACKBONE = [item for item in TINY if item.startswith("model.")]
 
@@ -23,10 +23,4 @@ TINY_DEPTH = [
 
 
 def tiny_depth(output_dir, total_iter=10, eval_interval=None, checkpoint_interval=5, extra=()):
-    return TINY_DEPTH + [
-        f"output_dir={output_dir}",
-        f"scheduler.total_iter={total_iter}",
-        f"eval.eval_interval={eval_interval or total_iter}",
-        f"train.checkpoint_interval={checkpoint_interval}",
-        *extra,
-    ]
+    return run_args(TINY_DEPTH, output_dir, total_iter, eval_interval, checkpoint_interval, extra)

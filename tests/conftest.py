@@ -30,6 +30,15 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensor ops: with other processes on the 2 cores, intra-op threads spin and run ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -34,14 +34,19 @@ TINY = [
 ]
 
 
-def tiny(output_dir, total_iter=10, eval_interval=None, checkpoint_interval=5, extra=()):
-    return TINY + [
+def run_args(base, output_dir, total_iter=10, eval_interval=None, checkpoint_interval=5, extra=()):
+    """The settings `base` of a tiny run into `output_dir`, with its schedule and extra `key=value`s."""
+    return list(base) + [
         f"output_dir={output_dir}",
         f"scheduler.total_iter={total_iter}",
         f"eval.eval_interval={eval_interval or total_iter}",
         f"train.checkpoint_interval={checkpoint_interval}",
         *extra,
     ]
+
+
+def tiny(output_dir, total_iter=10, eval_interval=None, checkpoint_interval=5, extra=()):
+    return run_args(TINY, output_dir, total_iter, eval_interval, checkpoint_interval, extra)
 
 
 def cli_env():
@@ -60,6 +65,17 @@ def read_checkpoint(path):
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_head(a: dict, b: dict, total: int) -> None:
+    """Two training checkpoints at iteration `total` with the same head, bit for bit, and the same best scores."""
+    import torch
+
+    assert a["iteration"] == b["iteration"] == total
+    assert set(a["model"]) == set(b["model"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["best"] == b["best"]
 
 
 def kill_and_resume(make_args, tmp_path, total: int, checkpoint_name: str = "checkpoint_last.pth"):

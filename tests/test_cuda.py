@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ._depth_run import tiny_depth
-from .engine_utils import REPO, cli_env, kill_and_resume, run_cli, tiny
+from .engine_utils import REPO, assert_same_head, cli_env, kill_and_resume, run_cli, tiny
 from .test_m2f_train import ADAPTER, _train_args
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,13 +25,6 @@ def test_deterministic_mode_sets_torch_up():
     assert json.loads(run.stdout) == [True, True, False, ":4096:8"]
 
 
-def _same(a, b, total):
-    assert a["iteration"] == b["iteration"] == total
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    assert a["best"] == b["best"]
-
-
 @cuda
 def test_kill_and_resume_is_exact_on_cuda_for_the_linear_head(tmp_path):
     total = 40
@@ -39,7 +32,7 @@ def test_kill_and_resume_is_exact_on_cuda_for_the_linear_head(tmp_path):
     def args(out):
         return ["train", *tiny(out, total_iter=total, eval_interval=20, checkpoint_interval=10), *ON_CUDA]
 
-    _same(*kill_and_resume(args, tmp_path, total), total)
+    assert_same_head(*kill_and_resume(args, tmp_path, total), total)
 
 
 @cuda
@@ -52,7 +45,7 @@ def test_kill_and_resume_is_exact_on_cuda_for_mask2former(tmp_path):
 
     a, b = kill_and_resume(args, tmp_path, total)
     assert any(k.startswith(ADAPTER) for k in a["model"])
-    _same(a, b, total)
+    assert_same_head(a, b, total)
 
 
 @cuda
@@ -62,7 +55,7 @@ def test_kill_and_resume_is_exact_on_cuda_for_depth(tmp_path):
     def args(out):
         return ["train", *tiny_depth(out, total_iter=total, eval_interval=20, checkpoint_interval=10), *ON_CUDA]
 
-    _same(*kill_and_resume(args, tmp_path, total), total)
+    assert_same_head(*kill_and_resume(args, tmp_path, total), total)
 
 
 @cuda

@@ -265,14 +265,6 @@ def test_synthetic_is_deterministic_and_well_formed():
         SyntheticShapes(num_classes=9)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensor ops: with other processes on the 2 cores, intra-op threads spin and run ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_synthetic_labels_are_learnable_by_a_linear_probe_on_random_vit_features(one_thread):
     """Frozen random-weight ViT-S/16-like backbone (tiny), linear head on patch tokens, upsampled to pixels.

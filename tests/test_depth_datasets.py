@@ -178,13 +178,6 @@ def test_synthetic_floor_depth_follows_the_ground_plane():
     assert (floor[1:] <= floor[:-1]).all() and floor[0] > floor[-1]  # nearer towards the bottom
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_synthetic_depth_is_learnable_by_a_linear_probe_on_random_vit_features(one_thread):
     """Ridge regression from the patch tokens of a frozen random-weight ViT (layer scale 1e-5, so its features are

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .datasets.common import size_mismatch
 from .datasets.depth_base import DepthDataset
 from .io import DatasetError, exif_orientation
 
@@ -77,45 +78,20 @@ def check_dataset(dataset, max_samples: int | None = None, progress: bool = Fals
         class_pixels=np.zeros(num_classes, dtype=np.int64),
         class_images=np.zeros(num_classes, dtype=np.int64),
     )
-    report.problems += [Problem(p, f) for p, f in getattr(dataset, "problems", [])]
-    if n == 0 and not report.problems:
-        report.problems.append(Problem(str(getattr(dataset, "root", None)), "empty split: the dataset has no samples"))
-
-    indices = range(count)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="check-data", unit="img")
-    for i in indices:
-        image_path = dataset.image_path(i)
-        mask_path = dataset.mask_path(i)
-        name = image_path or dataset.sample_name(i)
+    report.problems += indexing_problems(dataset)
+    for i in sample_indices(count, progress):
+        image_path, mask_path = dataset.image_path(i), dataset.mask_path(i)
         if image_path is not None and mask_path is None:
             continue  # missing mask: already in dataset.problems
-        image = label = None
         problems_before = len(report.problems)
-        try:
-            image = dataset.load_image(i)
-        except Exception as e:
-            report.problems.append(_as_problem(e, name, "unreadable or corrupt image"))
-        try:
-            label = dataset.load_label(i)
-        except Exception as e:
-            report.problems.append(_as_problem(e, mask_path or name, "unreadable or corrupt mask"))
+        image, label = read_pair(dataset, i, dataset.load_label, mask_path, "mask", "mask", report.problems)
         if image_path is not None and image is not None and exif_orientation(image_path) != 1:
             report.warnings.append(
                 Problem(image_path, f"EXIF orientation {exif_orientation(image_path)} is ignored (pixels used as stored)")
             )
         if label is None:
             continue
-        if image is not None and tuple(image.shape[-2:]) != tuple(label.shape):
-            report.problems.append(
-                Problem(
-                    mask_path or name,
-                    f"image/mask size mismatch: mask is {tuple(label.shape)} (H, W) but image {name} is "
-                    f"{tuple(image.shape[-2:])}",
-                )
-            )
+        name = image_path or dataset.sample_name(i)
         bad = ((label < 0) | (label >= num_classes)) & (label != ignore)
         if bool(bad.any()):
             fault = dataset.label_fault(label)
@@ -133,6 +109,43 @@ def check_dataset(dataset, max_samples: int | None = None, progress: bool = Fals
         report.ignore_pixels += label.numel() - valid.numel()
         report.num_usable += 1
     return report
+
+
+def indexing_problems(dataset) -> list[Problem]:
+    """The faults `dataset` (built with strict=False) found while indexing its files, or its empty split."""
+    problems = [Problem(p, f) for p, f in getattr(dataset, "problems", [])]
+    if len(dataset) == 0 and not problems:
+        problems.append(Problem(str(getattr(dataset, "root", None)), "empty split: the dataset has no samples"))
+    return problems
+
+
+def sample_indices(count: int, progress: bool):
+    """0 .. count - 1, behind a progress bar when asked."""
+    if not progress:
+        return range(count)
+    from tqdm import tqdm
+
+    return tqdm(range(count), desc="check-data", unit="img")
+
+
+def read_pair(dataset, index: int, load_target, target_path: str | None, kind: str, file_kind: str,
+              problems: list[Problem]):
+    """(image, target) of sample `index` before transforms, each None when it cannot be read: an unreadable file
+    and an image and target (`kind`: "mask", "depth"; its file: `file_kind`) of different sizes go to `problems`."""
+    name = dataset.image_path(index) or dataset.sample_name(index)
+    image = target = None
+    try:
+        image = dataset.load_image(index)
+    except Exception as e:
+        problems.append(_as_problem(e, name, "unreadable or corrupt image"))
+    try:
+        target = load_target(index)
+    except Exception as e:
+        problems.append(_as_problem(e, target_path or name, f"unreadable or corrupt {file_kind}"))
+    if image is not None and target is not None and image.shape[-2:] != target.shape[-2:]:
+        reason = size_mismatch(kind, name, tuple(image.shape[-2:]), tuple(target.shape[-2:]))
+        problems.append(Problem(target_path or name, reason))
+    return image, target
 
 
 def _as_problem(error: Exception, path: str, what: str) -> Problem:

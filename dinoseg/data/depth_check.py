@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .check import Problem, _as_problem
+from .check import Problem, indexing_problems, read_pair, sample_indices
 from .datasets.depth_base import depth_bit_depth
 
 # Plausible median depth of a scene (metres): below, the map is probably in a larger unit than declared
@@ -72,35 +72,16 @@ def check_depth_dataset(dataset, max_samples: int | None = None, progress: bool 
     scale = float(dataset.depth_scale)
     max_depth = getattr(dataset, "max_depth", None)
     report = DepthCheckReport(dataset=repr(dataset), num_samples=n, num_checked=count, depth_scale=scale)
-    report.problems += [Problem(p, f) for p, f in getattr(dataset, "problems", [])]
-    if n == 0 and not report.problems:
-        report.problems.append(Problem(str(getattr(dataset, "root", None)), "empty split: the dataset has no samples"))
-    indices = range(count)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="check-data", unit="img")
-    for i in indices:
+    report.problems += indexing_problems(dataset)
+    for i in sample_indices(count, progress):
         image_path, depth_path = dataset.image_path(i), dataset.depth_path(i)
-        name = image_path or dataset.sample_name(i)
         if image_path is not None and depth_path is None:
             continue  # missing depth map: already in dataset.problems
         before = len(report.problems)
-        image = depth = None
-        try:
-            image = dataset.load_image(i)
-        except Exception as e:
-            report.problems.append(_as_problem(e, name, "unreadable or corrupt image"))
-        try:
-            depth = dataset.load_depth(i)
-        except Exception as e:
-            report.problems.append(_as_problem(e, depth_path or name, "unreadable or corrupt depth map"))
-        if image is not None and depth is not None and image.shape[-2:] != depth.shape[-2:]:
-            report.problems.append(Problem(depth_path or name, f"image/depth size mismatch: depth is "
-                                           f"{tuple(depth.shape[-2:])} (H, W) but image {name} is {tuple(image.shape[-2:])}"))
+        _, depth = read_pair(dataset, i, dataset.load_depth, depth_path, "depth", "depth map", report.problems)
         if len(report.problems) > before or depth is None:
             continue
-        where = depth_path or name
+        where = depth_path or image_path or dataset.sample_name(i)
         if depth_path is not None and depth_bit_depth(depth_path) == 8:
             report.warnings.append(Problem(where, "8-bit depth map: at most 255 depth levels (a visualisation?); "
                                                   "store depth as 16-bit PNG or float TIFF"))

@@ -1,3 +1,4 @@
 """The engine every dense task shares: configs (`config`), processes (`distributed`), the run directory
-(`rundir`), checkpoints and resume (`checkpoint`), training data streams and DDP (`training`, `sampling`),
-optimisation (`optim`, `schedulers`) and reporting (`reporting`). Tasks build their loops from these parts."""
+(`rundir`), checkpoints, resume and a run's best / last checkpoints (`checkpoint`), the loop's set-up, training data
+streams and DDP (`training`, `sampling`), optimisation (`optim`, `schedulers`) and reporting, the training loss
+included (`reporting`). Tasks build their loops from these parts."""

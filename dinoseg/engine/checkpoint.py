@@ -1,18 +1,19 @@
 """Training checkpoints: the head only, written atomically by rank 0, with everything needed for an exact resume."""
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..models.checkpoint import CheckpointError, load_state_dict_file, read_torch_file
+from ..models.checkpoint import CheckpointError, load_head_state_dict, load_state_dict_file, read_torch_file
 from ..models.frozen import head_state_dict
 from . import distributed
 from .config import ConfigError, merge_layers
 from .files import write_atomically
-from .optim import TrainingError
+from .optim import TrainingError, TrainingInterrupted
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
@@ -166,6 +167,73 @@ def check_world_size(checkpoint: dict) -> None:
 def restore_rng(checkpoint: dict) -> None:
     check_world_size(checkpoint)
     set_rng_state(_from_plain_rng(checkpoint["rng"][distributed.get_rank()]))
+
+
+@dataclass
+class Resumed:
+    """The checkpoint a training run continues from, read and checked against the run's config (`checkpoint` is
+    None for a fresh run); `changes` are the bookkeeping keys the resumed run changed, for the log."""
+
+    checkpoint: dict | None = None
+    path: Path | None = None
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def iteration(self) -> int:
+        return int(self.checkpoint["iteration"]) if self.checkpoint is not None else 0
+
+    @property
+    def best(self) -> dict:
+        return dict(self.checkpoint["best"]) if self.checkpoint is not None else {}
+
+    def restore(self, model, step) -> int:
+        """The head's weights into `model` and the optimizer, schedule and gradient-scaler states into `step` (the
+        `OptimizerStep`); returns the iteration the run starts at."""
+        if self.checkpoint is not None:
+            load_head_state_dict(model, self.checkpoint["model"], source=str(self.path))
+            step.load_state_dict(self.checkpoint)
+        return self.iteration
+
+    def restore_rng(self) -> None:
+        """This process's RNG states, as they were at the checkpoint (call it last, after every set-up step)."""
+        if self.checkpoint is not None:
+            restore_rng(self.checkpoint)
+
+
+class Checkpoints:
+    """A run's `checkpoint_last.pth` and `checkpoint_best.pth`, the best validation scores so far (`best`, saved in
+    both), and what is said about them when training stops early. Saving is collective: every rank calls it."""
+
+    def __init__(self, out: Path, *, model, step, config_yaml: str, resumed: Resumed):
+        self.out, self.model, self.step, self.config_yaml = Path(out), model, step, config_yaml
+        self.best = resumed.best
+        self.saved = resumed.iteration if resumed.checkpoint is not None else None  # iteration of the last one on disk
+
+    def save_last(self, iteration: int) -> None:
+        self._save(LAST, iteration)
+        self.saved = iteration
+
+    def save_best(self, iteration: int, scores: dict) -> None:
+        """`scores` are the new best validation scores, reached at `iteration`."""
+        self.best = scores | {"iteration": iteration}
+        self._save(BEST, iteration)
+
+    def _save(self, name: str, iteration: int) -> None:
+        save_checkpoint(self.out / name, model=self.model, step=self.step, iteration=iteration, best=self.best,
+                        config_yaml=self.config_yaml)
+
+    def stopped(self, reason: str) -> TrainingError:
+        """The error that ends training for `reason`, naming the checkpoint it keeps."""
+        kept = f"last checkpoint kept: {self.out / LAST}" if self.saved is not None else "no checkpoint written yet"
+        return TrainingError(f"{reason}; training stopped ({kept})")
+
+    def interrupted(self, iteration: int, total: int) -> TrainingInterrupted:
+        """Ctrl-C at `iteration` of `total`: the checkpoint to resume from and how."""
+        kept = "no checkpoint written"
+        if self.saved is not None:
+            kept = f"last checkpoint: {self.out / LAST} (iteration {self.saved})"
+        return TrainingInterrupted(f"interrupted at iteration {iteration} of {total}; {kept}; resume with the same "
+                                   f"command and train.resume=true")
 
 
 def read_head_weights(path: str) -> dict[str, torch.Tensor]:

@@ -1,9 +1,13 @@
-"""What a run reports: progress bars, metrics.jsonl (and TensorBoard), and the training-curves plot."""
+"""What a run reports: progress bars, metrics.jsonl (and TensorBoard), the training loss, and the training-curves
+plot."""
 
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from . import distributed
@@ -51,6 +55,38 @@ class MetricsLog:
         text = "".join(ln + "\n" for ln in lines)
         if text != self.path.read_text():
             write_atomically(self.path, lambda f: f.write(text.encode()))
+
+
+class LossLog:
+    """The training loss, step by step: its mean over processes (a non-finite one stops the run), the progress bar,
+    and a metrics.jsonl line every `interval` steps and at the last one, with the mean loss since the previous line
+    (single-batch losses are too noisy to read a curve from). `checkpoints` (a `Checkpoints`) names what a stopped
+    run keeps."""
+
+    def __init__(self, log: MetricsLog, checkpoints, *, total: int, start: int, interval: int):
+        self.log, self.checkpoints, self.total, self.interval = log, checkpoints, total, interval
+        self.bar = progress(total, desc="train", initial=start)
+        self.t0 = time.perf_counter()
+        self.window: list[float] = []  # losses since the last line
+
+    def reduce(self, loss: torch.Tensor, iteration: int) -> float:
+        """The mean of `loss` over processes (every process calls it, before the optimizer step)."""
+        value = distributed.all_reduce_sum(loss.detach().float().clone()).item() / distributed.get_world_size()
+        if not math.isfinite(value):
+            raise self.checkpoints.stopped(f"loss is {value} at iteration {iteration}")
+        return value
+
+    def update(self, done: int, loss: float, lr: float) -> None:
+        """Step `done` (counted from 1) had `loss` (from `reduce`) at learning rate `lr`."""
+        self.window.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if done % self.interval == 0 or done == self.total:
+            self.log.write(done, loss=sum(self.window) / len(self.window), lr=lr, seconds=time.perf_counter() - self.t0)
+            self.window.clear()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def plot_history(run_dir: Path, metrics: dict[str, tuple[float, float] | None]) -> Path:

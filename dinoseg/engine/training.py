@@ -1,6 +1,7 @@
-"""Pieces of every training loop: seeds, the resumable stream of training batches, the sharded evaluation loader,
-and DDP over the trainable part of a model."""
+"""Pieces of every training loop: processes and seeds, opening and starting the run (with what it resumes), the
+resumable stream of training batches, the sharded evaluation loader, and DDP over the trainable part of a model."""
 
+import logging
 import os
 import random
 
@@ -11,7 +12,13 @@ from torch import nn
 from ..data.loaders import InfiniteDataloader, make_data_loader
 from ..models.frozen import frozen_prefixes
 from . import distributed
+from .checkpoint import Resumed, check_resume, check_world_size, load_checkpoint
+from .optim import TrainingError
+from .reporting import MetricsLog
+from .rundir import RunDirectory
 from .sampling import EpochSeededDataset, InfiniteShardedSampler
+
+logger = logging.getLogger("dinoseg")
 
 
 def make_deterministic() -> None:
@@ -27,6 +34,49 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def start_processes(device: str | None, *, batch_size: int, deterministic: bool, seed: int) -> torch.device:
+    """Deterministic mode (first: before any CUDA work), the process group under torchrun and this process's
+    device, its RNGs seeded with `seed` + rank; the global `batch_size` must split evenly over the processes."""
+    if deterministic:
+        make_deterministic()
+    device = distributed.setup(device)
+    world = distributed.get_world_size()
+    if batch_size % world:
+        raise TrainingError(f"train.batch_size={batch_size} does not split over {world} processes")
+    seed_everything(seed + distributed.get_rank())
+    return device
+
+
+def open_run(run: RunDirectory, *, resume: bool, overwrite: bool, config, schema: type,
+             allowed_changes: tuple[str, ...]) -> Resumed:
+    """Check, writing nothing, that a training run may use `run`'s directory (rank 0 locks it at once), and read the
+    checkpoint it resumes from: written by as many processes, with a config that differs from `config` (of
+    dataclass `schema`) in `allowed_changes` only (`check_resume`). Every process calls it."""
+    path = run.check(resume=resume, overwrite=overwrite, lock=distributed.is_main_process())
+    if path is None:
+        return Resumed()
+    checkpoint = load_checkpoint(path)
+    changes = check_resume(checkpoint, config, schema, allowed_changes, source=str(path))
+    check_world_size(checkpoint)
+    return Resumed(checkpoint, path, changes)
+
+
+def start_run(run: RunDirectory, config_yaml: str, resumed: Resumed, *, overwrite: bool, tensorboard: bool) -> MetricsLog:
+    """The run starts (rank 0 writes): its directory created and locked, a replaced run's files removed, the config
+    written and logged with what was resumed. Returns the metrics log, cut back to the resumed iteration."""
+    main = distributed.is_main_process()
+    with distributed.together():
+        if main:
+            run.start(config_yaml, overwrite=overwrite)
+            logger.info("config:\n%s", config_yaml)
+            if resumed.checkpoint is not None:
+                logger.info("resumed from %s at iteration %d%s", resumed.path, resumed.iteration,
+                            "".join(f"\n  changed: {c}" for c in resumed.changes))
+    log = MetricsLog(run.path, tensorboard, enabled=main)
+    log.truncate_after(resumed.iteration)
+    return log
 
 
 def training_batches(dataset, batch_size: int, *, seed: int, start_iteration: int = 0, num_workers: int = 0):

@@ -9,14 +9,13 @@ The conversion from the file encoding (Cityscapes labelIds, ADE20K's 0 = "other"
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from ..io import DatasetError, load_image, load_mask
+from ..io import DatasetError, load_mask
+from .common import PairedDataset, size_mismatch
 
 IGNORE_INDEX = 255
 
@@ -37,10 +36,6 @@ def reduce_zero_label(label, ignore_index: int = IGNORE_INDEX):
     out = label.astype(np.int64) - 1
     out[(label == 0) | (label == ignore_index)] = ignore_index
     return out
-
-
-def size_mismatch(image_path, image_hw, mask_hw) -> str:
-    return f"image/mask size mismatch: mask is {mask_hw} (H, W) but image {image_path} is {image_hw}"
 
 
 def map_values(label: np.ndarray, mapping: dict[int, int], default: int = IGNORE_INDEX) -> np.ndarray:
@@ -69,12 +64,9 @@ def check_root(root, dataset: str) -> str:
     return root
 
 
-class SegmentationDataset(Dataset):
-    """Base class: a list of (image, mask) files plus the rule that turns mask values into train ids.
-
-    With ``strict=True`` (the default) a missing mask or an empty split is an error at construction. With
-    ``strict=False`` they are recorded in ``self.problems`` (pairs ``(path, fault)``) for ``check_dataset``.
-    """
+class SegmentationDataset(PairedDataset):
+    """Base class: a list of (image, mask) files plus the rule that turns mask values into train ids; faults found
+    while indexing are errors, or with ``strict=False`` kept in ``self.problems`` for ``check_dataset``."""
 
     num_classes: int
     class_names: list[str]
@@ -83,42 +75,15 @@ class SegmentationDataset(Dataset):
     ignore_index: int = IGNORE_INDEX
     reduce_zero_label: bool = False
 
-    def __init__(self, root: str | None, split: str, transforms: Callable | None = None, strict: bool = True):
-        self.root = root
-        self.split = split
-        self.transforms = transforms
-        self.strict = strict
-        self.samples: list[Sample] = []
-        self.problems: list[tuple[str, str]] = []
-
     # --- construction helpers -------------------------------------------------------------------------------
     def _finish_indexing(self, where: str) -> None:
-        """Called by subclasses once ``samples``/``problems`` are filled: enforce ``strict``."""
-        if not self.samples:
-            self.problems.append((where, f"empty split: no samples for split {self.split!r}"))
-        if self.strict and self.problems:
-            path, fault = self.problems[0]
-            more = f" (and {len(self.problems) - 1} more problem(s); run check-data)" if len(self.problems) > 1 else ""
-            raise DatasetError(f"{type(self).__name__}: {path}: {fault}{more}")
+        super()._finish_indexing(where)
         if len(self.class_names) != self.num_classes:
             raise DatasetError(f"{type(self).__name__}: {len(self.class_names)} class names for {self.num_classes} classes")
 
     # --- per-sample access ----------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def sample_name(self, index: int) -> str:
-        return self.samples[index].name
-
-    def image_path(self, index: int) -> str | None:
-        return self.samples[index].image
-
     def mask_path(self, index: int) -> str | None:
         return self.samples[index].mask
-
-    def load_image(self, index: int) -> torch.Tensor:
-        """RGB ``uint8`` ``[3, H, W]``."""
-        return load_image(self.samples[index].image)
 
     def load_raw_mask(self, index: int) -> np.ndarray:
         """The values stored in the mask file (int64 ``[H, W]``), before any conversion."""
@@ -158,17 +123,11 @@ class SegmentationDataset(Dataset):
         image = self.load_image(index)
         label = self.load_label(index)
         if tuple(image.shape[-2:]) != tuple(label.shape):
-            reason = size_mismatch(self.image_path(index), tuple(image.shape[-2:]), tuple(label.shape))
+            reason = size_mismatch("mask", self.image_path(index), tuple(image.shape[-2:]), tuple(label.shape))
             raise DatasetError(f"{self.mask_path(index)}: {reason}", self.mask_path(index), reason)
         fault = self.label_fault(label)
         if fault is not None:
             raise DatasetError(f"{self.mask_path(index)}: {fault}", self.mask_path(index), fault)
-        return image, label
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.load_sample(index)
-        if self.transforms is not None:
-            image, label = self.transforms(image, label)
         return image, label
 
     def __repr__(self) -> str:

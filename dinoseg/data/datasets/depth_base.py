@@ -9,14 +9,13 @@ which turn it into metres, as the official pipeline does.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from ..io import DatasetError, _open, load_image
+from ..io import DatasetError, _open
+from .common import PairedDataset, size_mismatch
 
 DEPTH_EXTENSIONS = (".png", ".tif", ".tiff", ".npy")
 _DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F", "L")
@@ -64,50 +63,33 @@ def depth_bit_depth(path: str) -> int | None:
     return {"L": 8, "I;16": 16, "I;16B": 16, "I;16L": 16}.get(img.mode, 32)
 
 
-class DepthDataset(Dataset):
+class DepthDataset(PairedDataset):
     """Base class: a list of (image, depth) files and the rule that turns stored depth values into ``[1, H, W]``
-    float32 with 0 = missing.
-
-    With ``strict=True`` (the default) a missing file or an empty split is an error at construction; with
-    ``strict=False`` they are recorded in ``self.problems`` (pairs ``(path, fault)``) for check-data.
-    """
+    float32 with 0 = missing; faults found while indexing are errors, or with ``strict=False`` kept in
+    ``self.problems`` for check-data."""
 
     depth_scale: float = 1000.0  # stored units per metre
     invalid_value: float = 0.0  # stored value of pixels without a measurement
     max_depth: float | None = None  # largest depth (metres) a correct map of this dataset holds, for check-data
     eval_mask: str = "FULL"  # the dataset's standard evaluation crop (an `_EvalCropType` name)
 
-    def __init__(self, root: str | None, split: str, transforms: Callable | None = None, strict: bool = True):
-        self.root = root
-        self.split = split
-        self.transforms = transforms
-        self.strict = strict
-        self.samples: list[DepthSample] = []
-        self.problems: list[tuple[str, str]] = []
-
-    def _finish_indexing(self, where: str) -> None:
-        if not self.samples:
-            self.problems.append((where, f"empty split: no samples for split {self.split!r}"))
-        if self.strict and self.problems:
-            path, fault = self.problems[0]
-            more = f" (and {len(self.problems) - 1} more problem(s); run check-data)" if len(self.problems) > 1 else ""
-            raise DatasetError(f"{type(self).__name__}: {path}: {fault}{more}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def sample_name(self, index: int) -> str:
-        return self.samples[index].name
-
-    def image_path(self, index: int) -> str | None:
-        return self.samples[index].image
-
     def depth_path(self, index: int) -> str | None:
         return self.samples[index].depth
 
-    def load_image(self, index: int) -> torch.Tensor:
-        """RGB ``uint8`` ``[3, H, W]``."""
-        return load_image(self.samples[index].image)
+    def _add_listed_sample(self, list_file: str, number: int, image: str, depth: str, focal: float | None,
+                           image_root: str, depth_root: str) -> None:
+        """The sample of line `number` of a split file (see `read_depth_split_file`), its paths relative to
+        `image_root` / `depth_root`: a missing image drops it, a missing depth map keeps it without one (strict or
+        check-data reports both)."""
+        image_path = os.path.join(image_root, image.strip("/"))
+        depth_path = os.path.join(depth_root, depth.strip("/"))
+        if not os.path.isfile(image_path):
+            self.problems.append((image_path, f"missing image (listed in {list_file}:{number})"))
+            return
+        if not os.path.isfile(depth_path):
+            self.problems.append((depth_path, f"missing depth map (listed in {list_file}:{number})"))
+            depth_path = None
+        self.samples.append(DepthSample(image_path, depth_path, os.path.splitext(image.strip("/"))[0], focal))
 
     def load_raw_depth(self, index: int) -> np.ndarray:
         """The values stored in the depth file (float32 ``[H, W]``), before any conversion."""
@@ -132,20 +114,24 @@ class DepthDataset(Dataset):
         image, depth = self.load_image(index), self.load_depth(index)
         if image.shape[-2:] != depth.shape[-2:]:
             path = self.depth_path(index)
-            reason = (f"image/depth size mismatch: depth is {tuple(depth.shape[-2:])} (H, W) but image "
-                      f"{self.image_path(index)} is {tuple(image.shape[-2:])}")
+            reason = size_mismatch("depth", self.image_path(index), tuple(image.shape[-2:]), tuple(depth.shape[-2:]))
             raise DatasetError(f"{path}: {reason}", path, reason)
-        return image, depth
-
-    def __getitem__(self, index: int):
-        image, depth = self.load_sample(index)
-        if self.transforms is not None:
-            return self.transforms(image, depth)
         return image, depth
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, samples={len(self)}, "
                 f"depth_scale={self.depth_scale})")
+
+
+# Split spellings of the datasets described by split files (NYU, KITTI).
+SPLIT_FILE_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+def split_file_root(root: str | None, dataset: str) -> str:
+    """The root folder of a dataset described by split files, which must exist."""
+    if root is None or not os.path.isdir(os.path.expanduser(str(root))):
+        raise DatasetError(f"{dataset}: root folder not found: {root}")
+    return os.path.expanduser(str(root))
 
 
 def read_depth_split_file(path: str, dataset: str, problems: list) -> list[tuple[int, str, str | None, float | None]]:

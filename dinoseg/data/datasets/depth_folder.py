@@ -15,10 +15,10 @@ import math
 import os
 from collections.abc import Callable
 
-from ..io import DatasetError, read_list_file
+from ..io import DatasetError
 from .base import check_root
+from .common import folder_split_images
 from .depth_base import DEPTH_EXTENSIONS, DepthDataset, DepthSample
-from .folder import ImageMaskFolder
 
 
 class DepthFolder(DepthDataset):
@@ -48,27 +48,7 @@ class DepthFolder(DepthDataset):
         self._index(os.path.join(root, image_dir), os.path.join(root, depth_dir))
 
     def _index(self, image_root: str, depth_root: str) -> None:
-        if self.split is None:
-            names, where = ImageMaskFolder._list_images(image_root), image_root
-        else:
-            lists = [os.path.join(self.root, "splits", f"{self.split}.txt"), os.path.join(self.root, f"{self.split}.txt")]
-            list_file = next((p for p in lists if os.path.isfile(p)), None)
-            split_dir = os.path.join(image_root, self.split)
-            names = []
-            if list_file is not None:
-                where = list_file
-                for entry in read_list_file(list_file):
-                    image = ImageMaskFolder._find_image(image_root, entry)
-                    if image is None:
-                        self.problems.append((os.path.join(image_root, entry), f"missing image (listed in {list_file})"))
-                    else:
-                        names.append(image)
-            elif os.path.isdir(split_dir):
-                where = split_dir
-                names = [os.path.join(self.split, n) for n in ImageMaskFolder._list_images(split_dir)]
-            else:
-                where = image_root
-                self.problems.append((image_root, f"empty split: no {lists[0]}, {lists[1]} or folder {split_dir}"))
+        names, where = folder_split_images(self.root, image_root, self.split, self.problems)
         for rel in names:
             stem = os.path.splitext(rel)[0]
             candidates = [os.path.join(depth_root, stem + self.depth_suffix + ext) for ext in DEPTH_EXTENSIONS]

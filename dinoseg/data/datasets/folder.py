@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..io import IMAGE_EXTENSIONS, LOSSY_EXTENSIONS, MASK_EXTENSIONS, DatasetError, read_list_file
+from ..io import LOSSY_EXTENSIONS, MASK_EXTENSIONS, DatasetError
 from .base import IGNORE_INDEX, Sample, SegmentationDataset, check_root
+from .common import folder_split_images
 
 CLASS_FILES = ("classes.json", "classes.yaml", "classes.yml")
 _CLASS_KEYS = {"classes", "class_names", "palette", "ignore_index", "reduce_zero_label"}
@@ -135,30 +136,7 @@ class ImageMaskFolder(SegmentationDataset):
         self._index(os.path.join(root, image_dir), os.path.join(root, mask_dir))
 
     def _index(self, image_root: str, mask_root: str) -> None:
-        split = self.split
-        if split is None:
-            names = self._list_images(image_root)
-            where = image_root
-        else:
-            lists = [os.path.join(self.root, "splits", f"{split}.txt"), os.path.join(self.root, f"{split}.txt")]
-            list_file = next((p for p in lists if os.path.isfile(p)), None)
-            if list_file is not None:
-                names, where = [], list_file
-                for entry in read_list_file(list_file):
-                    image = self._find_image(image_root, entry)
-                    if image is None:
-                        self.problems.append((os.path.join(image_root, entry), f"missing image (listed in {list_file})"))
-                    else:
-                        names.append(image)
-            elif os.path.isdir(os.path.join(image_root, split)):
-                where = os.path.join(image_root, split)
-                names = [os.path.join(split, n) for n in self._list_images(where)]
-            else:
-                where = image_root
-                self.problems.append(
-                    (image_root, f"empty split: no {lists[0]}, {lists[1]} or folder {os.path.join(image_root, split)}")
-                )
-                names = []
+        names, where = folder_split_images(self.root, image_root, self.split, self.problems)
         for rel in names:
             stem = os.path.splitext(rel)[0]
             image = os.path.join(image_root, rel)
@@ -175,22 +153,6 @@ class ImageMaskFolder(SegmentationDataset):
                 self.problems.append((image, f"missing mask: expected {expected}{hint}"))
             self.samples.append(Sample(image, mask, stem.replace(os.sep, "/")))
         self._finish_indexing(where)
-
-    @staticmethod
-    def _list_images(folder: str) -> list[str]:
-        if not os.path.isdir(folder):
-            return []
-        return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
-
-    @staticmethod
-    def _find_image(image_root: str, entry: str) -> str | None:
-        entry = entry.replace("\\", "/")
-        if entry.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_root, entry)):
-            return entry
-        for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
-            if os.path.isfile(os.path.join(image_root, entry + ext)):
-                return entry + ext
-        return None
 
     def _find_mask(self, mask_root: str, stem: str) -> str | None:
         for ext in MASK_EXTENSIONS:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..io import DatasetError
 from .base import normalize_split
-from .depth_base import DepthDataset, DepthSample, read_depth_split_file
+from .depth_base import SPLIT_FILE_ALIASES, DepthDataset, read_depth_split_file, split_file_root
 
 SPLIT_FILES = {"train": "kitti_eigen_train.txt", "val": "kitti_eigen_test.txt", "test": "kitti_eigen_test.txt"}
-_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 class KITTI(DepthDataset):
@@ -42,10 +40,8 @@ class KITTI(DepthDataset):
         split_file: str | None = None,
         strict: bool = True,
     ):
-        if root is None or not os.path.isdir(os.path.expanduser(str(root))):
-            raise DatasetError(f"KITTI: root folder not found: {root}")
-        root = os.path.expanduser(str(root))
-        split = normalize_split(split, _ALIASES, "KITTI")
+        root = split_file_root(root, "KITTI")
+        split = normalize_split(split, SPLIT_FILE_ALIASES, "KITTI")
         super().__init__(root, split, transforms, strict)
         list_file = os.path.join(root, split_file or SPLIT_FILES[split])
         self.num_without_depth = 0
@@ -53,13 +49,6 @@ class KITTI(DepthDataset):
             if depth is None:
                 self.num_without_depth += 1
                 continue
-            image_path = os.path.join(root, image_dir, image.strip("/"))
-            depth_path = os.path.join(root, depth_dir, depth.strip("/"))
-            if not os.path.isfile(image_path):
-                self.problems.append((image_path, f"missing image (listed in {list_file}:{number})"))
-                continue
-            if not os.path.isfile(depth_path):
-                self.problems.append((depth_path, f"missing depth map (listed in {list_file}:{number})"))
-                depth_path = None
-            self.samples.append(DepthSample(image_path, depth_path, os.path.splitext(image.strip("/"))[0], focal))
+            self._add_listed_sample(list_file, number, image, depth, focal, os.path.join(root, image_dir),
+                                    os.path.join(root, depth_dir))
         self._finish_indexing(list_file)

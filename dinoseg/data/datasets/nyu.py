@@ -14,12 +14,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..io import DatasetError
 from .base import normalize_split
-from .depth_base import DepthDataset, DepthSample, read_depth_split_file
+from .depth_base import SPLIT_FILE_ALIASES, DepthDataset, read_depth_split_file, split_file_root
 
 SPLIT_FILES = {"train": "nyu_train.txt", "val": "nyu_test.txt", "test": "nyu_test.txt"}
-_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 class NYU(DepthDataset):
@@ -28,10 +26,8 @@ class NYU(DepthDataset):
     eval_mask = "NYU_EIGEN"
 
     def __init__(self, *, split: str, root: str | None = None, transforms: Callable | None = None, strict: bool = True):
-        if root is None or not os.path.isdir(os.path.expanduser(str(root))):
-            raise DatasetError(f"NYU: root folder not found: {root}")
-        root = os.path.expanduser(str(root))
-        split = normalize_split(split, _ALIASES, "NYU")
+        root = split_file_root(root, "NYU")
+        split = normalize_split(split, SPLIT_FILE_ALIASES, "NYU")
         super().__init__(root, split, transforms, strict)
         list_file = os.path.join(root, SPLIT_FILES[split])
         entries = read_depth_split_file(list_file, "NYU", self.problems)
@@ -39,13 +35,5 @@ class NYU(DepthDataset):
             if depth is None:
                 self.problems.append((f"{list_file}:{number}", "no depth map given ('None')"))
                 continue
-            image_path = os.path.join(root, image.strip("/"))
-            depth_path = os.path.join(root, depth.strip("/"))
-            if not os.path.isfile(image_path):
-                self.problems.append((image_path, f"missing image (listed in {list_file}:{number})"))
-                continue
-            if not os.path.isfile(depth_path):
-                self.problems.append((depth_path, f"missing depth map (listed in {list_file}:{number})"))
-                depth_path = None
-            self.samples.append(DepthSample(image_path, depth_path, os.path.splitext(image.strip("/"))[0], focal))
+            self._add_listed_sample(list_file, number, image, depth, focal, root, root)
         self._finish_indexing(list_file)

@@ -11,13 +11,13 @@ Sample ``i`` of a split depends only on ``(seed, split, i)``, so workers and ran
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from .base import IGNORE_INDEX, SegmentationDataset
+from .common import GeneratedSamples
 
 # name, base colour, texture. Colours are saturated so they never look like the background.
 _CLASSES = [
@@ -31,7 +31,6 @@ _CLASSES = [
     ("orange bars", (240, 130, 20), "bars"),
 ]
 SYNTHETIC_MAX_CLASSES = len(_CLASSES)
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -78,7 +77,7 @@ def _shape_mask(yy: np.ndarray, xx: np.ndarray, h: int, w: int, rng: np.random.G
     return inside
 
 
-class SyntheticShapes(SegmentationDataset):
+class SyntheticShapes(GeneratedSamples, SegmentationDataset):
     """Deterministic synthetic segmentation data (see the module docstring).
 
     Args:
@@ -108,43 +107,24 @@ class SyntheticShapes(SegmentationDataset):
         super().__init__(None, str(split).lower(), transforms, strict=strict)
         if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
             raise ValueError(f"SyntheticShapes: num_classes={num_classes} must be in 2..{SYNTHETIC_MAX_CLASSES}")
-        if int(num_samples) < 1:
-            raise ValueError(f"SyntheticShapes: num_samples={num_samples} must be >= 1")
         if not 1 <= min_shapes <= max_shapes:
             raise ValueError(f"SyntheticShapes: need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
-        if len(size) != 2 or min(size) < 8:
-            raise ValueError(f"SyntheticShapes: image_size={image_size} must be an int or (height, width) >= 8")
-        self.num_samples = int(num_samples)
-        self.image_size = size
-        self.seed = int(seed)
+        self._set_samples(num_samples, image_size, seed, min_side=8)
         self.num_classes = int(num_classes)
         self.class_names = [c[0] for c in _CLASSES[:num_classes]]
         self.palette = [c[1] for c in _CLASSES[:num_classes]]
         self.min_shapes, self.max_shapes = int(min_shapes), int(max_shapes)
         self.ignore_border = int(ignore_border)
-        self._split_code = _SPLIT_CODES.get(self.split, zlib.crc32(self.split.encode()))
         self._cache: tuple[int, torch.Tensor, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def sample_name(self, index: int) -> str:
-        return f"{self.split}_{index:06d}"
-
-    def image_path(self, index: int) -> None:
-        return None
 
     def mask_path(self, index: int) -> None:
         return None
 
     def generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(RGB uint8 [3, H, W], int64 label [H, W]) of sample ``index``."""
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"SyntheticShapes: index {index} out of range for {self.num_samples} samples")
         if self._cache is not None and self._cache[0] == index:
             return self._cache[1], self._cache[2]
-        rng = np.random.default_rng([self.seed, self._split_code, index])
+        rng = self._rng(index)
         h, w = self.image_size
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
 

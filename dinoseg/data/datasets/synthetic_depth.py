@@ -15,15 +15,14 @@ Sample ``i`` of a split depends only on ``(seed, split, i)``.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from .common import GeneratedSamples
 from .depth_base import DepthDataset
 
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 CAMERA_HEIGHT = 1.5  # metres
 FOG_COLOR = np.array([60.0, 110.0, 210.0])
 
@@ -42,7 +41,7 @@ def _pattern(u: np.ndarray, v: np.ndarray, kind: int, period: float) -> np.ndarr
     return np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)  # blobs
 
 
-class SyntheticDepth(DepthDataset):
+class SyntheticDepth(GeneratedSamples, DepthDataset):
     """Deterministic synthetic RGB-D scenes (see the module docstring).
 
     Args:
@@ -71,37 +70,18 @@ class SyntheticDepth(DepthDataset):
         strict: bool = True,  # accepted for a uniform API: generated data has no files to miss
     ):
         super().__init__(None, str(split).lower(), transforms, strict=strict)
-        if int(num_samples) < 1:
-            raise ValueError(f"SyntheticDepth: num_samples={num_samples} must be >= 1")
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
-        if len(size) != 2 or min(size) < 16:
-            raise ValueError(f"SyntheticDepth: image_size={image_size} must be an int or (height, width) >= 16")
+        self._set_samples(num_samples, image_size, seed, min_side=16)
         if not 0 < min_depth < max_depth:
             raise ValueError(f"SyntheticDepth: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
-        self.num_samples = int(num_samples)
-        self.image_size = size
-        self.seed = int(seed)
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.max_objects = int(max_objects)
-        self._split_code = _SPLIT_CODES.get(self.split, zlib.crc32(self.split.encode()))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def sample_name(self, index: int) -> str:
-        return f"{self.split}_{index:06d}"
-
-    def image_path(self, index: int) -> None:
-        return None
 
     def depth_path(self, index: int) -> None:
         return None
 
     def generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(RGB uint8 [3, H, W], depth float32 [1, H, W] in millimetres, 0 = no depth) of sample ``index``."""
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"SyntheticDepth: index {index} out of range for {self.num_samples} samples")
-        rng = np.random.default_rng([self.seed, self._split_code, index])
+        rng = self._rng(index)
         h, w = self.image_size
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
         focal = rng.uniform(0.5, 0.8) * max(h, w)

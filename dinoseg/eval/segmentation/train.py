@@ -6,20 +6,24 @@ Read it top to bottom: set-up, data, model, optimisation objects, optional resum
 
 import logging
 import math
-import time
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ...engine import distributed, reporting
-from ...engine.checkpoint import BEST, LAST, check_resume, check_world_size, load_checkpoint, restore_rng, save_checkpoint
+from ...engine.checkpoint import Checkpoints
 from ...engine.config import BOOKKEEPING_KEYS as COMMON_BOOKKEEPING_KEYS
 from ...engine.config import Precision, scheduler_kwargs
-from ...engine.optim import OptimizerStep, TrainingError, TrainingInterrupted
+from ...engine.optim import OptimizerStep
 from ...engine.rundir import RunDirectory
 from ...engine.schedulers import build_scheduler
-from ...engine.training import evaluation_loader, make_deterministic, seed_everything, training_batches, wrap_distributed
-from ...models.checkpoint import load_head_state_dict
+from ...engine.training import (
+    evaluation_loader,
+    open_run,
+    start_processes,
+    start_run,
+    training_batches,
+    wrap_distributed,
+)
 from ...models.frozen import set_train_mode
 from .config import SegmentationConfig
 from .decoders import decoder, resolve_num_classes
@@ -37,21 +41,14 @@ BOOKKEEPING_KEYS = COMMON_BOOKKEEPING_KEYS + ("eval.crop_batch_size", "eval.save
 
 
 def train_segmentation(cfg: DictConfig) -> dict:
-    # 1. Processes, devices, the run directory and the checkpoint to resume from: all checked, nothing written.
-    if cfg.train.deterministic:
-        make_deterministic()
-    device = distributed.setup(cfg.device)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    if cfg.train.batch_size % world:
-        raise TrainingError(f"train.batch_size={cfg.train.batch_size} does not split over {world} processes")
+    # 1. Processes, devices and seeds, the run directory and the checkpoint to resume from: all checked, nothing written.
+    device = start_processes(cfg.device, batch_size=cfg.train.batch_size, deterministic=cfg.train.deterministic,
+                             seed=cfg.seed)
+    rank = distributed.get_rank()
     with distributed.together():  # a failure on any process stops them all, before anything is written
         run = RunDirectory(cfg.output_dir, CONFIG_FILENAME, RUN_FILES)
-        resume_from = run.check(resume=cfg.train.resume, overwrite=cfg.overwrite_output_dir, lock=rank == 0)
-        ckpt = load_checkpoint(resume_from) if resume_from else None
-        if ckpt is not None:
-            changes = check_resume(ckpt, cfg, SegmentationConfig, BOOKKEEPING_KEYS, source=str(resume_from))
-            check_world_size(ckpt)
-        seed_everything(cfg.seed + rank)
+        resumed = open_run(run, resume=cfg.train.resume, overwrite=cfg.overwrite_output_dir, config=cfg,
+                           schema=SegmentationConfig, allowed_changes=BOOKKEEPING_KEYS)
 
         # 2. Data: an endless, resumable stream of augmented training batches; a sharded validation set.
         train_set = build_train_dataset(cfg)
@@ -59,7 +56,7 @@ def train_segmentation(cfg: DictConfig) -> dict:
         num_classes = resolve_num_classes(cfg.decoder_head, dataset=train_set)
         class_names = getattr(val_set, "class_names", None)
 
-        # 3. Model, loss, optimiser over trainable parameters only, schedule, gradient scaler.
+        # 3. Model, loss, optimiser over trainable parameters only, schedule, gradient scaler; their resumed states.
         head = decoder(cfg.decoder_head)
         model = build_model(cfg, num_classes).to(device)
         criterion = head.criterion(cfg.train, num_classes).to(device)
@@ -68,24 +65,10 @@ def train_segmentation(cfg: DictConfig) -> dict:
                                     scheduler_kwargs(cfg.scheduler))
         step = OptimizerStep(optimizer, scheduler, Precision(cfg.precision), cfg.optimizer.gradient_clip, device)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        start_iter, best = 0, {}
-        if ckpt is not None:
-            load_head_state_dict(model, ckpt["model"], source=str(resume_from))
-            step.load_state_dict(ckpt)
-            start_iter, best = int(ckpt["iteration"]), dict(ckpt["best"])
+        start_iter = resumed.restore(model, step)
 
     # 4. The run starts: its directory is locked and the config it uses written (rank 0).
-    out = run.path
-    with distributed.together():
-        if rank == 0:
-            run.start(config_yaml, overwrite=cfg.overwrite_output_dir)
-            logger.info("config:\n%s", config_yaml)
-            if ckpt is not None:
-                logger.info("resumed from %s at iteration %d%s", resume_from, start_iter,
-                            "".join(f"\n  changed: {c}" for c in changes))
-    log = reporting.MetricsLog(out, cfg.train.tensorboard, enabled=rank == 0)
-    log.truncate_after(start_iter)
-
+    log = start_run(run, config_yaml, resumed, overwrite=cfg.overwrite_output_dir, tensorboard=cfg.train.tensorboard)
     batches = training_batches(train_set, cfg.train.batch_size, seed=cfg.seed, start_iteration=start_iter,
                                num_workers=cfg.train.num_workers)
     val_loader = evaluation_loader(val_set, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
@@ -93,19 +76,12 @@ def train_segmentation(cfg: DictConfig) -> dict:
     settings = inference_settings(cfg)
     train_model = wrap_distributed(model, device)
     set_train_mode(train_model)
-    if ckpt is not None:
-        restore_rng(ckpt)  # last, so nothing above shifts the restored stream (dropout draws from it)
+    resumed.restore_rng()  # last, so nothing above shifts the restored stream (dropout draws from it)
     total = cfg.scheduler.total_iter
     metric_name = cfg.eval.metric_to_save
-    last_path = out / LAST
-    saved = start_iter if ckpt is not None else None  # iteration of the last checkpoint on disk
+    checkpoints = Checkpoints(run.path, model=model, step=step, config_yaml=config_yaml, resumed=resumed)
+    losses = reporting.LossLog(log, checkpoints, total=total, start=start_iter, interval=cfg.train.log_interval)
     results = {}
-    bar = reporting.progress(total, desc="train", initial=start_iter)
-    t0 = time.perf_counter()
-    window: list[float] = []  # losses since the last log line
-
-    def checkpoint(path: Path, done: int) -> None:
-        save_checkpoint(path, model=model, step=step, iteration=done, best=best, config_yaml=config_yaml)
 
     # 5. The loop.
     done = start_iter
@@ -116,43 +92,30 @@ def train_segmentation(cfg: DictConfig) -> dict:
             labels = labels.to(device, non_blocking=True).long()
 
             loss = head.loss(criterion, train_model(images), labels)
-            loss_value = distributed.all_reduce_sum(loss.detach().float().clone()).item() / world
-            if not math.isfinite(loss_value):
-                kept = f"last checkpoint kept: {last_path}" if saved is not None else "no checkpoint written yet"
-                raise TrainingError(f"loss is {loss_value} at iteration {iteration}; training stopped ({kept})")
+            loss_value = losses.reduce(loss, iteration)  # the mean over processes; a non-finite one stops the run
             lr = step.step(loss)
-
             done = iteration + 1
-            window.append(loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if done % cfg.train.log_interval == 0 or done == total:
-                # The mean over the logging window: single-batch losses are too noisy to read a curve from.
-                log.write(done, loss=sum(window) / len(window), lr=lr, seconds=time.perf_counter() - t0)
-                window.clear()
+            losses.update(done, loss_value, lr)
 
             if done % cfg.eval.eval_interval == 0 or done == total:
                 results = evaluate_segmentation_model(model, val_loader, device, num_classes=num_classes, settings=settings,
                                                       class_names=class_names)
                 set_train_mode(train_model)
-                log.write(done, val={k: v for k, v in results.items() if isinstance(v, float)})
+                scores = {k: v for k, v in results.items() if isinstance(v, float)}
+                log.write(done, val=scores)
                 if rank == 0:
                     logger.info("iteration %d: %s=%.4f", done, metric_name, results[metric_name])
-                if results[metric_name] > best.get(metric_name, -math.inf):
-                    best = {k: v for k, v in results.items() if isinstance(v, float)} | {"iteration": done}
-                    checkpoint(out / BEST, done)
+                if results[metric_name] > checkpoints.best.get(metric_name, -math.inf):
+                    checkpoints.save_best(done, scores)
             if done % cfg.train.checkpoint_interval == 0 or done == total:
-                checkpoint(last_path, done)
-                saved = done
+                checkpoints.save_last(done)
     except KeyboardInterrupt:
-        kept = f"last checkpoint: {last_path} (iteration {saved})" if saved is not None else "no checkpoint written"
-        raise TrainingInterrupted(f"interrupted at iteration {done} of {total}; {kept}; resume with the same "
-                                  f"command and train.resume=true") from None
+        raise checkpoints.interrupted(done, total) from None
     finally:
-        bar.close()
+        losses.close()
 
     # 6. Final report (rank 0).
     if rank == 0 and results:
-        write_results(results, out)
+        write_results(results, run.path)
     distributed.barrier()
     return results
