@@ -3,7 +3,8 @@
 Every subcommand takes YAML config files and `key=value` overrides (OmegaConf dotlist), e.g.
     dinoseg train ade20k_linear.yaml model.pretrained_weights=/w/vitl16.pth datasets.root=/data/ade
 YAML files are paths or the names of the configs shipped with dinoseg. Configs of the official DINOv3 code
-(config-ade20k-linear-training.yaml, ...) are recognised and translated, key by key.
+(config-ade20k-linear-training.yaml, config-nyu.yaml, ...) are recognised, their task told by their keys, and
+translated key by key.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from .data.io import DatasetError
 from .engine import distributed
 from .engine.config import ConfigError, layer_value, read_layers
-from .engine.official_config import translate_layers
+from .engine.official_config import official_task, translate_layers
 from .engine.optim import TrainingError
 from .eval import TASKS, task_runner
 from .eval.segmentation.export import ExportError
@@ -55,9 +56,12 @@ def load(items: list[str], command: str):
     if command == "demo" and not yamls:
         yamls = [task_runner("segmentation").DEMO_CONFIG]
     layers = read_layers(yamls, overrides)
-    task = str(layer_value(layers, "task", "segmentation"))
-    if task not in TASKS:
+    task = layer_value(layers, "task")
+    if task is not None and str(task) not in TASKS:
         raise ConfigError(f"task={task!r}: expected one of {sorted(TASKS)}")
+    # A config of the official DINOv3 code has no `task`: its keys tell (`losses` is depth's).
+    schemas = {name: getattr(task_runner(name), "OFFICIAL", None) for name in TASKS}
+    task = str(official_task(layers, schemas, None if task is None else str(task)) or "segmentation")
     runner = task_runner(task)
     layers = translate_layers(layers, getattr(runner, "OFFICIAL", None))  # a config in the official schema
     require = ("datasets.",) if command == "check-data" else ("",)  # weights are not needed to check data

@@ -17,6 +17,7 @@ from dinoseg.engine.official_config import OfficialSchema, translate_layers
 
 from ._data_layouts import make_ade20k
 from .engine_utils import TINY
+from .test_official_depth_config import NYU
 
 MIRROR = Path("/work/.mirror/facebookresearch+dinov3/repo")
 
@@ -96,33 +97,6 @@ eval:
   crop_size: 896
   stride: 596
   use_tta: True
-"""
-
-# The shape of dinov3/eval/depth/configs/config-nyu.yaml: the keys the official tasks share, and depth's own.
-NYU_SHAPE = """
-bs: 2
-n_gpus: 8
-seed: 321
-scheduler:
-  total_iter: 38400
-  type: 'WarmupOneCycleLR'
-  constructor_kwargs:
-    final_div_factor: 1000.0
-    warmup_iters: 12800
-    base_momentum: 0.85
-    max_momentum: 0.95
-optimizer:
-  lr : 3e-4
-  beta1: 0.9
-  beta2: 0.99
-  weight_decay: 1e-4
-  gradient_clip: 35
-datasets:
-  train: 'NYU:split=TRAIN'
-  val: 'NYU:split=VAL'
-decoder_head:
-  min_depth: 0.001
-  max_depth: 10.0
 """
 
 
@@ -282,7 +256,7 @@ def test_dinoseg_configs_are_not_translated(caplog):
 
 
 def test_the_shared_keys_are_reusable_by_another_task():
-    """A task with its own official keys (the depth config's shape) reuses the shared translation: batch, seed,
+    """A task with its own official keys (the official depth config) reuses the shared translation: batch, seed,
     precision, optimizer, the official one-cycle defaults (beta1 schedule on, warmup_ratio 0, final_div 1000)."""
     seen = {}
 
@@ -293,7 +267,7 @@ def test_the_shared_keys_are_reusable_by_another_task():
         "bs": 2, "n_gpus": 8, "num_workers": 2, "seed": 321, "model_dtype": None, "scheduler.type": "WarmupOneCycleLR",
         "scheduler.total_iter": 38_400, "optimizer.lr": 1e-4, "optimizer.beta1": 0.9, "optimizer.beta2": 0.999,
         "optimizer.weight_decay": 0.01, "optimizer.gradient_clip": 35.0}, translate=translate_depth)
-    layers = read_layers([], [f"{k}={v}" for k, v in _flat(yaml.safe_load(NYU_SHAPE)).items()] + ["datasets.root=/nyu"])
+    layers = read_layers([], [f"{k}={v}" for k, v in _flat(yaml.safe_load(NYU)).items()] + ["datasets.root=/nyu"])
     (layer,) = translate_layers(layers, depth)
     assert seen == {"min_depth": 0.001}
     assert layer.train.batch_size == 16 and layer.train.num_workers == 2 and layer.seed == 321

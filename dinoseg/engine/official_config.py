@@ -1,7 +1,8 @@
 """Configs written for Meta's official DINOv3 evaluation code, read unchanged.
 
 A config in the official schema is recognised by keys only it has (`bs`, `n_gpus`, `model_dtype`, `num_workers` or
-`load_from` at the top level, `scheduler.constructor_kwargs`, plus the task's own markers). Its layers (files and
+`load_from` at the top level, `scheduler.constructor_kwargs`, plus the task's own markers); an official config without
+a `task` key is the task whose official keys it uses (`official_task`: `losses` -> depth). Its layers (files and
 command-line overrides, which may use official or dinoseg keys) are merged, completed with the official defaults (a
 key the official file leaves out means the official default, not dinoseg's) and translated key by key into one
 dinoseg layer, logged once as one block. An official key whose value dinoseg cannot honour (a value that would change
@@ -44,13 +45,16 @@ _NO_EFFECT_SCHEDULE_KEYS = {
 
 @dataclass
 class OfficialSchema:
-    """A task's part of the official schema: its marker keys, its official defaults (dotted official key -> value;
-    the shared keys' defaults too, as they differ between tasks), and `translate(config)` for its own keys."""
+    """A task's part of the official schema: its marker keys (top-level keys of the official schema that dinoseg's
+    configs do not have), its official defaults (dotted official key -> value; the shared keys' defaults too, as they
+    differ between tasks), `translate(config)` for its own keys, and `own_keys`: dotted official keys that no other
+    task's official schema has, which tell an official config without `task` to be this task's."""
 
     markers: tuple[str, ...]
     defaults: dict[str, Any]
     translate: Callable[["OfficialConfig"], None]
     source: str = field(default="official DINOv3 config")
+    own_keys: tuple[str, ...] = ()
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
@@ -117,6 +121,29 @@ def is_official(layers: list[DictConfig], markers: tuple[str, ...]) -> bool:
     return False
 
 
+def _uses(layers: list[DictConfig], keys: tuple[str, ...]) -> list[str]:
+    """Those of the dotted `keys` that some layer sets."""
+    return [k for k in keys if any(OmegaConf.select(layer, k, default=_ABSENT) is not _ABSENT for layer in layers)]
+
+
+def official_task(layers: list[DictConfig], schemas: dict[str, OfficialSchema | None], task: str | None) -> str | None:
+    """The task of layers that form an official config: the one whose `own_keys` they use (None: not an official
+    config, or no task's own keys). `task`, given by the layers' `task` key, wins; it is an error when the layers use
+    only another task's own keys, as is a config using several tasks' own keys without `task`."""
+    claims = {name: used for name, schema in schemas.items() if schema is not None
+              and is_official(layers, SHARED_MARKERS + schema.markers) and (used := _uses(layers, schema.own_keys))}
+    if task is not None:
+        if claims and task not in claims:
+            other, used = next(iter(claims.items()))
+            raise ConfigError(f"task={task!r}: the config is an official {other} config (it has {', '.join(used)}); "
+                              f"drop task= (or give task={other})")
+        return task
+    if len(claims) > 1:
+        found = "; ".join(f"{name}: {', '.join(used)}" for name, used in claims.items())
+        raise ConfigError(f"the official config mixes keys of several tasks ({found}); give task=<name>")
+    return next(iter(claims), None)
+
+
 def translate_shared(config: OfficialConfig) -> None:
     """The keys every official task has."""
     take = config.take
@@ -135,6 +162,9 @@ def translate_shared(config: OfficialConfig) -> None:
     for key in ("lr", "beta1", "beta2", "weight_decay"):
         config.put(f"optimizer.{key}", float(take(f"optimizer.{key}")), f"optimizer.{key}")
     clip = float(take("optimizer.gradient_clip"))
+    if clip <= 0:
+        config.refuse("optimizer.gradient_clip", clip, "officially the gradient norm is clipped to it, which zeroes (or "
+                      "reverses) every gradient; dinoseg's 0 means no clipping: give inf for none")
     config.put("optimizer.gradient_clip", clip, "optimizer.gradient_clip", note="no clipping" if math.isinf(clip) else "")
     _translate_scheduler(config)
     output_dir = take("output_dir", None)

@@ -21,7 +21,8 @@ from ...engine.predict import list_images, predict_images
 from ...engine.rundir import prepare_output_dir
 from .config import DepthConfig, config_from_layers
 from .eval import RESULTS_FILENAME, evaluate_depth_model, format_results, write_results
-from .models.released import DepthWeights, dpt_depther_config, head_location
+from .models.released import RELEASED_DEPTHERS, dpt_depther_config, head_location
+from .official_config import DEPTH
 from .setup import build_model_with_head, build_test_dataset, evaluation_settings, result_config
 from .train import dataset_name, evaluation_loader_of, train_depth
 from .transforms import LeftRightFlipAug, make_depth_eval_transforms
@@ -32,9 +33,7 @@ logger = logging.getLogger("dinoseg")
 NAME = "depth"
 SCHEMA = DepthConfig
 DEMO_CONFIG = "demo_depth.yaml"
-
-# Released depthers usable by name (`head=dinov3_vit7b16_dd`, the official `load_from`): backbone, head weights.
-RELEASED_DEPTHERS = {"dinov3_vit7b16_dd": ("dinov3_vit7b16", DepthWeights.SYNTHMIX)}
+OFFICIAL = DEPTH  # the official config schema's depth keys
 
 
 def _use_released(cfg: DictConfig, name: str) -> str:
@@ -206,4 +205,4 @@ def main(command: str, cfg: DictConfig, args) -> int:
     return 0
 
 
-__all__ = ["DEMO_CONFIG", "NAME", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
+__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]

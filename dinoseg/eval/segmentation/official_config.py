@@ -185,5 +185,11 @@ def translate(config: OfficialConfig) -> None:
     _translate_reduce_zero_label(config)
 
 
+# Official keys no other task's official schema has: an official config without `task` using one is segmentation's.
+OWN_KEYS = ("metric_to_save", "train.diceloss_weight", "train.celoss_weight", "decoder_head.num_classes",
+            "decoder_head.hidden_dim", "decoder_head.dropout", "transforms.train.random_img_size_ratio_range",
+            "transforms.train.crop_size", "transforms.train.flip_prob", "transforms.eval.tta_ratios",
+            "eval.compute_metric_per_image", "eval.reduce_zero_label", "eval.mode", "eval.crop_size", "eval.stride")
+
 SEGMENTATION = OfficialSchema(markers=("metric_to_save",), defaults=OFFICIAL_DEFAULTS, translate=translate,
-                              source="official DINOv3 segmentation config")
+                              source="official DINOv3 segmentation config", own_keys=OWN_KEYS)

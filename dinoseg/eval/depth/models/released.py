@@ -18,6 +18,9 @@ HEAD_FILES = {
     ("dinov3_vitl16", DepthWeights.CHMV2): ("chmv2", "dinov3_vitl16_chmv2_dpt_head-3703d643.pth"),
 }
 
+# Released depthers usable by name (`head=dinov3_vit7b16_dd`, the official `load_from`): backbone, head weights.
+RELEASED_DEPTHERS = {"dinov3_vit7b16_dd": ("dinov3_vit7b16", DepthWeights.SYNTHMIX)}
+
 # The SYNTHMIX DPT head: layers a quarter of the depth apart, 512 fusion channels, 256 linear bins, 0.001-100 m.
 _DPT_OUT_LAYERS = {"dinov3_vitl16": [4, 11, 17, 23], "dinov3_vit7b16": [9, 19, 29, 39]}
 _DPT_POST_PROCESS_CHANNELS = {"dinov3_vitl16": [1024] * 4, "dinov3_vit7b16": [2048] * 4}
