@@ -11,7 +11,9 @@ scores are near-uniform, and their near-ties flip under any rounding). One image
 `cast_weights` (what `dtype=` / `model.weights_dtype` do), in each half dtype asked for. Per dtype it prints the
 weights' memory, the peak memory of the inference (CUDA: `max_memory_allocated`; CPU: the process's VmHWM, reset
 before each run), seconds per image, and the share of pixels whose class agrees with the float32 weights (all
-pixels, and pixels whose float32 top-2 margin exceeds 0.05).
+pixels, and pixels whose float32 top-2 margin exceeds 0.05). `--skip-float32` runs the half dtypes only (no agreement
+columns); `--memory-trace` (CUDA) records the allocations of the last run and prints those alive at its peak, largest
+first, with the dinoseg lines that made them: where the memory above the weights goes.
 
 The CPU proxy keeps the 7B's width (embed 4096, 32 heads, SwiGLU) and head but 8 blocks, on a 448 x 598 image with
 the protocol scaled by 1/2 and one test-time scale (plus its flip), so that it runs in minutes on two cores.
@@ -60,6 +62,26 @@ def run(model, image, settings, device) -> tuple[torch.Tensor, float, int]:
     return probs.cpu(), seconds, peak - base
 
 
+def peak_allocations(snapshot: dict, top: int = 15) -> tuple[int, list[tuple[int, str]]]:
+    """Replays the allocation trace of `torch.cuda.memory._snapshot()`: (peak bytes allocated during the trace
+    above its start, the `top` largest blocks alive at that peak as (bytes, where allocated))."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: list[tuple[int, str]] = []
+    for event in snapshot["device_traces"][0]:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action == "alloc":
+            frames = [f"{f['filename'].split('dinoseg/')[-1]}:{f['line']} {f['name']}" for f in event.get("frames", [])
+                      if "dinoseg/" in f["filename"]]
+            live[addr] = (size, " < ".join(frames[:4]) or "(outside dinoseg)")
+            total += size
+            if total > peak:
+                peak, at_peak = total, sorted(live.values(), reverse=True)[:top]
+        elif action == "free_completed" and addr in live:
+            total -= live.pop(addr)[0]
+    return peak, at_peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +89,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="bfloat16", help="comma-separated half dtypes to compare with float32")
     p.add_argument("--crop-batch-size", type=int, default=1)
     p.add_argument("--warmup", action="store_true", help="one untimed image first (CUDA kernels, allocator)")
+    p.add_argument("--skip-float32", action="store_true", help="cast to the half dtypes first: no float32 run")
+    p.add_argument("--memory-trace", action="store_true", help="CUDA: the allocations alive at the last run's peak")
     args = p.parse_args()
     device = torch.device(args.device)
     scale = 2 if args.proxy else 1
@@ -90,20 +114,36 @@ def main() -> None:
         run(model, image, settings, device)
     print(f"{'weights':>9} {'weights GiB':>11} {'peak GiB':>8} {'+weights':>8} {'s/image':>7} {'agree %':>7} "
           f"{'decided %':>9}", flush=True)
-    reference, seconds, peak = run(model, image, settings, device)
-    size = weights_bytes(model)
-    print(f"{'float32':>9} {size / 2**30:11.2f} {peak / 2**30:8.2f} {(peak + size) / 2**30:8.2f} {seconds:7.2f} "
-          f"{100:7.2f} {100:9.2f}", flush=True)
-    top2 = reference.topk(2, dim=1).values
-    decided = (top2[:, 0] - top2[:, 1]) > 0.05
-    for dtype in args.dtypes.split(","):
+    reference = decided = None
+    if not args.skip_float32:
+        reference, seconds, peak = run(model, image, settings, device)
+        size = weights_bytes(model)
+        print(f"{'float32':>9} {size / 2**30:11.2f} {peak / 2**30:8.2f} {(peak + size) / 2**30:8.2f} {seconds:7.2f} "
+              f"{100:7.2f} {100:9.2f}", flush=True)
+        top2 = reference.topk(2, dim=1).values
+        decided = (top2[:, 0] - top2[:, 1]) > 0.05
+    dtypes = args.dtypes.split(",")
+    for i, dtype in enumerate(dtypes):
         cast_weights(model, getattr(torch, dtype))
+        trace = args.memory_trace and device.type == "cuda" and i == len(dtypes) - 1
+        if trace:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         probs, seconds, peak = run(model, image, settings, device)
         size = weights_bytes(model)
-        same = probs.argmax(1) == reference.argmax(1)
+        agreement = ""
+        if reference is not None:
+            same = probs.argmax(1) == reference.argmax(1)
+            agreement = (f"{100 * same.float().mean():7.2f} {100 * same[decided].float().mean():9.2f}  "
+                         f"(decided pixels: {100 * decided.float().mean():.1f}%)")
         print(f"{dtype:>9} {size / 2**30:11.2f} {peak / 2**30:8.2f} {(peak + size) / 2**30:8.2f} {seconds:7.2f} "
-              f"{100 * same.float().mean():7.2f} {100 * same[decided].float().mean():9.2f}  "
-              f"(decided pixels: {100 * decided.float().mean():.1f}%)", flush=True)
+              f"{agreement}", flush=True)
+        if trace:
+            traced_peak, blocks = peak_allocations(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"allocations alive at the peak of the {dtype} run ({traced_peak / 2**30:.2f} GiB above the start of "
+                  f"the trace), largest first:")
+            for nbytes, where in blocks:
+                print(f"  {nbytes / 2**20:9.1f} MiB  {where}")
 
 
 if __name__ == "__main__":
