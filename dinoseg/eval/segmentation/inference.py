@@ -471,6 +471,8 @@ def make_tta_inference(
                 total = pred.clone() if more and buffer is not None and buffer.holds(pred) else pred
             else:
                 total.add_(pred)
+            # Drop it before the next prediction: it is as large as the sum (612 MiB for 150 classes at 896 x 1195).
+            del pred
             n_preds += 1
         del scaled
     return total.div_(n_preds)
