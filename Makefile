@@ -10,6 +10,8 @@ OLDEST := .venv-oldest
 # "pkg>=x" of pyproject.toml's dependencies and dev extra (but ruff, which the tests do not run) -> "pkg==x".
 MINIMA = $(shell sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*>=[^"]*"' | tr -d '"' | sed 's/>=/==/')
 TEST_MINIMA = $(shell sed -n '/^dev = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*>=[^"]*"' | grep -v ruff | tr -d '"' | sed 's/>=/==/')
+# A dependency of a dependency that pip's resolver does not backtrack to by itself (matplotlib 3.6 with numpy 1.23).
+OLDEST_HINTS = 'contourpy<1.3'
 PINNED = $(foreach r,$(MINIMA) $(TEST_MINIMA),$(firstword $(subst ==, ,$(r))))
 SPACE := $(subst ,, )
 OLDEST_TESTS := tests/test_config.py tests/test_config_effects.py tests/test_official_configs.py tests/test_check_data.py \
@@ -34,7 +36,7 @@ test: $(STAMP)
 
 test-oldest:
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
-	$(OLDEST)/bin/python -m pip install $(MINIMA) $(TEST_MINIMA)
+	$(OLDEST)/bin/python -m pip install $(MINIMA) $(TEST_MINIMA) $(OLDEST_HINTS)
 	$(OLDEST)/bin/python -m pip freeze | grep -i -E '^($(subst $(SPACE),|,$(PINNED)))=='
 	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(OLDEST_TESTS)
 

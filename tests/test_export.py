@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import sys
 
 import numpy as np
@@ -190,6 +191,26 @@ def test_missing_extras_give_the_install_hint(tmp_path, monkeypatch, capsys):
     with pytest.raises(ExportError, match=r"^exporting to ONNX needs the optional package\(s\) onnxruntime, onnxscript: "
                                           r"pip install 'dinoseg\[export\]'$"):
         export_onnx(linear_segmentor(), tmp_path / "x.onnx")
+
+
+@pytest.mark.parametrize(("version", "decoder", "needed"), [("2.7.1", "linear", "2.8"), ("2.11.0+cpu", "m2f", "2.12")])
+def test_a_torch_too_old_to_export_the_head_is_refused_in_one_line(tmp_path, monkeypatch, version, decoder, needed):
+    """Older exporters fail deep inside torch.export (tried: torch 2.5-2.7 for the linear head, 2.8-2.11 for
+    Mask2Former) with a coloured multi-line message; the version is checked first."""
+    model = linear_segmentor() if decoder == "linear" else build_model(load_config([], M2F), 6).eval()
+    name = {"linear": "linear", "m2f": "Mask2Former"}[decoder]
+    message = f"exporting a {name} head needs torch>={needed} (this is torch {version}): pip install 'torch>={needed}'"
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(ExportError, match=f"^{re.escape(message)}$"):
+        export_onnx(model, tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(torch, "__version__", needed + ".0")  # the oldest one that works gets past the check
+    export_module._check_torch_version(decoder)
+
+
+def test_exporter_messages_lose_their_colours():
+    e = RuntimeError("Failed to export. \x1b[96mThis is step 1/3\x1b[0m of exporting.\nmore")
+    assert export_module._first_line(e) == "Failed to export. This is step 1/3 of exporting."
 
 
 def test_predict_onnx_refuses_config_arguments(tmp_path, capsys):

@@ -29,6 +29,7 @@ import contextlib
 import importlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from .inference import mask_classification_to_semantic
 from .models import FeatureDecoder
@@ -226,8 +228,21 @@ def _sample(batch: int, size: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=gen)
 
 
+# The oldest torch whose exporter handles each head (tested): older ones fail inside torch.export (a linear head's
+# batch size is specialised before 2.8; Mask2Former's graph fails before 2.12).
+MIN_TORCH = {"linear": "2.8", "m2f": "2.12"}
+
+
+def _check_torch_version(decoder: str) -> None:
+    have = TorchVersion(torch.__version__)
+    if have < MIN_TORCH[decoder]:
+        name = {"linear": "linear", "m2f": "Mask2Former"}[decoder]
+        raise ExportError(f"exporting a {name} head needs torch>={MIN_TORCH[decoder]} (this is torch {have}): "
+                          f"pip install 'torch>={MIN_TORCH[decoder]}'")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip() or type(e).__name__  # the exporter colours its messages
     return text.splitlines()[0][:300]
 
 
@@ -338,6 +353,7 @@ def export_onnx(
         raise ExportError(f"opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later")
     require_packages("onnx", "onnxruntime", "onnxscript", purpose="exporting to ONNX")
     decoder = _decoder_type(segmentor)
+    _check_torch_version(decoder)
     _check_float32(segmentor)
     if any(p.device.type != "cpu" for p in segmentor.parameters()):
         raise ExportError("export_onnx: move the segmentor to the CPU first (segmentor.cpu())")
