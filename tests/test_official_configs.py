@@ -4,8 +4,6 @@ files' keys and values themselves (no copy of the files is shipped); when the of
 machine, they check that these are the files' contents."""
 
 import logging
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,88 +14,8 @@ from dinoseg.engine.config import ConfigError, read_layers
 from dinoseg.engine.official_config import OfficialSchema, translate_layers
 
 from ._data_layouts import make_ade20k
+from ._official_yaml import LINEAR, M2F, NYU, needs_mirror, official_file
 from .engine_utils import TINY
-from .test_official_depth_config import NYU
-
-MIRROR = Path("/work/.mirror/facebookresearch+dinov3/repo")
-
-# dinov3/eval/segmentation/configs/config-ade20k-linear-training.yaml (keys and values)
-LINEAR = """
-bs: 2
-n_gpus: 8
-metric_to_save: 'mIoU'
-model_dtype: FLOAT32
-scheduler:
-  total_iter: 40000
-  type: 'WarmupOneCycleLR'
-  constructor_kwargs:
-    warmup_iters: 1500
-    warmup_ratio: 1e-6
-    final_div_factor: .inf
-    pct_start: 0
-    anneal_strategy: 'cos'
-    use_beta1: False
-    update_momentum: False
-optimizer:
-  lr : 1e-3
-  beta1: 0.9
-  beta2: 0.999
-  weight_decay: 1e-3
-  gradient_clip: 'inf'
-datasets:
-  root: ""
-  train: "ADE20K:split=TRAIN"
-  val: "ADE20K:split=VAL"
-train:
-  diceloss_weight: 0.0
-  celoss_weight: 1.0
-decoder_head:
-  type: "linear"
-  backbone_out_layers: LAST
-  use_cls_token: False
-  use_batchnorm: True
-  use_backbone_norm: True
-  num_classes: 150
-transforms:
-  train:
-    img_size: 512
-    random_img_size_ratio_range: [0.5, 2.0]
-    crop_size: [512, 512]
-    flip_prob: 0.5
-  eval:
-    img_size: 512
-eval:
-  compute_metric_per_image: False
-  reduce_zero_label: True
-  mode: "slide"
-  crop_size: 512
-  stride: 341
-  eval_interval: 5000
-  use_tta: False
-"""
-
-# dinov3/eval/segmentation/configs/config-ade20k-m2f-inference.yaml (keys and values)
-M2F = """
-metric_to_save: 'mIoU'
-datasets:
-  root: ""
-  val: "ADE20K:split=VAL"
-decoder_head:
-  type: "m2f"
-  backbone_out_layers: FOUR_EVEN_INTERVALS
-  num_classes: 150
-transforms:
-  eval:
-    img_size: 896
-    tta_ratios: [0.9, 0.95, 1.0, 1.05, 1.1]
-eval:
-  compute_metric_per_image: False
-  reduce_zero_label: True
-  mode: "slide"
-  crop_size: 896
-  stride: 596
-  use_tta: True
-"""
 
 
 @pytest.fixture
@@ -111,12 +29,11 @@ def official(tmp_path):
             "m2f": write(M2F, "config-ade20k-m2f-inference.yaml")}
 
 
-@pytest.mark.skipif(not MIRROR.exists(), reason="the official repository's mirror is not on this machine")
+@needs_mirror
 @pytest.mark.parametrize(("name", "text"), [("config-ade20k-linear-training.yaml", LINEAR),
                                             ("config-ade20k-m2f-inference.yaml", M2F)])
 def test_these_are_the_official_files(name, text):
-    path = f"HEAD:dinov3/eval/segmentation/configs/{name}"
-    content = subprocess.run(["git", "-C", str(MIRROR), "show", path], capture_output=True, text=True, check=True).stdout
+    content = official_file(f"dinov3/eval/segmentation/configs/{name}")
     assert OmegaConf.to_container(OmegaConf.create(content)) == OmegaConf.to_container(OmegaConf.create(text))
 
 

@@ -5,8 +5,6 @@ write the official files' keys and values themselves; when the official reposito
 check that these are the files' contents."""
 
 import logging
-import subprocess
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -18,74 +16,7 @@ from dinoseg.eval.depth.run import OFFICIAL
 from dinoseg.eval.segmentation.official_config import SEGMENTATION
 
 from ._depth_run import BACKBONE
-
-MIRROR = Path("/work/.mirror/facebookresearch+dinov3/repo")
-
-# dinov3/eval/depth/configs/config-nyu.yaml (keys and values)
-NYU = """
-bs: 2
-n_gpus: 8
-seed: 321
-scheduler:
-  total_iter: 38400
-  type: WarmupOneCycleLR
-  constructor_kwargs:
-    final_div_factor: 1000.0
-    warmup_iters: 12800
-    base_momentum: 0.85
-    max_momentum: 0.95
-optimizer:
-  lr: 3e-4
-  beta1: 0.9
-  beta2: 0.99
-  weight_decay: 1e-4
-  gradient_clip: 35
-datasets:
-  train: NYU:split=TRAIN
-  val: NYU:split=VAL
-  test: NYU:split=VAL
-decoder_head:
-  min_depth: 0.001
-  max_depth: 10.0
-  use_backbone_norm: true
-  use_batchnorm: true
-  backbone_out_layers: LAST
-  type: linear
-  use_cls_token: false
-  n_output_channels: 256
-losses:
-  SIGLOSS: 1.0
-transforms:
-  train:
-    random_crop: [416, 544]
-    brightness_range: [0.75, 1.25]
-    fixed_crop: NYU
-    eval_mask: FULL
-  eval:
-    fixed_crop: FULL
-    eval_mask: NYU_EIGEN
-eval:
-  min_depth: 0.001
-  max_depth: 10.0
-  use_tta: true
-  align_least_squares: false
-"""
-
-# dinov3/eval/depth/configs/config-nyu-synthmix-dpt-inference.yaml (keys and values)
-SYNTHMIX = """
-datasets:
-  test: NYU:split=VAL
-transforms:
-  eval:
-    img_size: 768
-    fixed_crop: FULL
-    eval_mask: NYU_EIGEN
-eval:
-  min_depth: 0.001
-  max_depth: 10.0
-  use_tta: true
-  align_least_squares: true
-"""
+from ._official_yaml import LINEAR, M2F, NYU, SYNTHMIX, needs_mirror, official_file
 
 # The tiny settings of a run on synthetic scenes, given as official keys where the official schema has them.
 TINY_OFFICIAL = [
@@ -113,11 +44,10 @@ def official(write):
     return {"nyu": write(NYU, "config-nyu.yaml"), "synthmix": write(SYNTHMIX, "config-nyu-synthmix-dpt-inference.yaml")}
 
 
-@pytest.mark.skipif(not MIRROR.exists(), reason="the official repository's mirror is not on this machine")
+@needs_mirror
 @pytest.mark.parametrize(("name", "text"), [("config-nyu.yaml", NYU), ("config-nyu-synthmix-dpt-inference.yaml", SYNTHMIX)])
 def test_these_are_the_official_files(name, text):
-    path = f"HEAD:dinov3/eval/depth/configs/{name}"
-    content = subprocess.run(["git", "-C", str(MIRROR), "show", path], capture_output=True, text=True, check=True).stdout
+    content = official_file(f"dinov3/eval/depth/configs/{name}")
     assert OmegaConf.to_container(OmegaConf.create(content)) == OmegaConf.to_container(OmegaConf.create(text))
 
 
@@ -229,8 +159,6 @@ def test_official_depth_values_that_cannot_be_honoured_are_refused(official, ove
 
 
 def test_the_task_of_an_official_config_is_told_by_its_keys(official, write, capsys):
-    from .test_official_configs import LINEAR, M2F  # (that module takes NYU from this one)
-
     assert load([write(LINEAR), "model.dino_hub=dinov3_vitl16", "datasets.root=/d"], "train")[0].NAME == "segmentation"
     assert load([write(M2F), "load_from=dinov3_vit7b16_ms", "datasets.root=/d"], "eval")[0].NAME == "segmentation"
     assert load([official["nyu"], "model.dino_hub=dinov3_vitl16", "datasets.root=/d"], "train")[0].NAME == "depth"
