@@ -1,0 +1,1 @@
+"""Object detection on frozen DINOv3 backbones: the official Plain-DETR detector, with the training it lacks."""

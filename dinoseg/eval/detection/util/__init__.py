@@ -1,0 +1,1 @@
+"""Box operations and padded batches shared by the detector, its loss and its data."""
