@@ -55,8 +55,6 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, num_boxes: f
 def _paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """GIoU of boxes1[k] with boxes2[k] (xyxy, (K, 4) each): the diagonal of `generalized_box_iou`, without the
     K x K matrix."""
-    if boxes1.dtype in (torch.float16, torch.bfloat16):
-        boxes1, boxes2 = boxes1.float(), boxes2.float()
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
     overlap = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
@@ -65,6 +63,18 @@ def _paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> t
     hull = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     hull_area = hull[:, 0] * hull[:, 1]
     return inter / union - (hull_area - union) / hull_area
+
+
+def _upcast(outputs):
+    """The outputs with float16 / bfloat16 tensors in float32 (differentiable): the matching and the loss sums
+    need more precision than the detector's autocast gives."""
+    if isinstance(outputs, dict):
+        return {k: _upcast(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_upcast(v) for v in outputs]
+    if isinstance(outputs, torch.Tensor) and outputs.dtype in (torch.float16, torch.bfloat16):
+        return outputs.float()
+    return outputs
 
 
 def _reparam_outputs(outputs: dict, who: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +91,8 @@ class HungarianMatcher(nn.Module):
     The class cost is the focal loss of the target's class (alpha 0.25, gamma 2, fixed as in Plain-DETR). The L1 cost
     compares boxes (`cost_bbox_type="l1"`) or, for the reparameterised detector (`"reparam"`), the predicted deltas
     `pred_deltas` with the deltas from `pred_boxes_old` to each target (`bbox2delta`). The cost is computed for the
-    whole batch at once on the outputs' device; the assignment (scipy) runs on the CPU, per image.
+    whole batch at once on the outputs' device (half-precision outputs in float32); the assignment (scipy) runs on the
+    CPU, per image.
     """
 
     def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1, cost_bbox_type: str = "l1"):
@@ -98,6 +109,7 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, (query indices, target indices) of the matched pairs (int64, on the CPU, min(Q, N_i) each)."""
+        outputs = _upcast(outputs)
         batch_size, num_queries = outputs["pred_logits"].shape[:2]
         prob = outputs["pred_logits"].flatten(0, 1).sigmoid()  # (B*Q, C)
         boxes = outputs["pred_boxes"].flatten(0, 1)
@@ -239,8 +251,10 @@ class SetCriterion(nn.Module):
         return {k + suffix: v for k, v in losses.items()}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        """The loss dict (unweighted) of the last layer's outputs, then of `aux_outputs` and `enc_outputs`."""
+        """The loss dict (unweighted) of the last layer's outputs, then of `aux_outputs` and `enc_outputs`; in float32
+        (at least) whatever the outputs' precision."""
         self._check_labels(targets)
+        outputs = _upcast(outputs)
         last_layer = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
         indices = self.matcher(last_layer, targets)
         num_boxes = self._average_num_boxes(targets, outputs["pred_logits"].device)
