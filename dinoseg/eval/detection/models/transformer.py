@@ -176,7 +176,7 @@ class Transformer(nn.Module):
     def _as_reference(self, boxes):
         return boxes.sigmoid()
 
-    def get_reference_points(self, memory, mask_flatten, spatial_shapes, num_proposals: int | None = None):
+    def get_reference_points(self, memory, mask_flatten, spatial_shapes, *, num_proposals: int | None = None):
         """The `num_proposals` (default `two_stage_num_proposals`) proposals of highest first-class score become
         the decoder's reference boxes (detached)."""
         output_memory, output_proposals, max_shape = self.gen_encoder_output_proposals(memory, mask_flatten, spatial_shapes)
@@ -214,7 +214,8 @@ class Transformer(nn.Module):
         bs, _, c = memory.shape
         if self.two_stage:
             (reference_points, max_shape, enc_outputs_class, enc_outputs_coord_unact, enc_outputs_delta,
-             output_proposals) = self.get_reference_points(memory, mask_flatten, spatial_shapes, num_proposals)
+             output_proposals) = self.get_reference_points(memory, mask_flatten, spatial_shapes,
+                                                           num_proposals=num_proposals)
             proposal_embed = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(reference_points)))
             if self.mixed_selection:  # positions from the proposals, content learned
                 query_pos = proposal_embed[..., :c]
