@@ -1,10 +1,11 @@
-"""dinoseg: semantic segmentation and monocular depth on frozen DINOv3 backbones.
+"""dinoseg: semantic segmentation, monocular depth and object detection on frozen DINOv3 backbones.
 
 Public names follow the official DINOv3 code, so `from dinoseg import build_segmentation_decoder` replaces
-`from dinov3.eval.segmentation.models import build_segmentation_decoder`. Where both tasks have a name, the
-segmentation one is here and the depth one at its official path: `LinearHead` (depth:
+`from dinov3.eval.segmentation.models import build_segmentation_decoder`. Where tasks share a name, the
+segmentation one is here and the others at their official paths: `LinearHead` (depth:
 `dinoseg.eval.depth.models.linear_head.LinearHead`), `DecoderConfig` (depth: `dinoseg.eval.depth.models.DecoderConfig`,
-also exported here as `DepthDecoderConfig`).
+also exported here as `DepthDecoderConfig`), detection's `PostProcess` and `build_model`
+(`dinoseg.eval.detection.models.detr`).
 """
 
 from .data import DatasetError, InfiniteDataloader, make_data_loader, make_dataset
@@ -35,6 +36,8 @@ from .eval.depth.models import (
 )
 from .eval.depth.transforms import make_depth_eval_transforms, make_depth_train_transforms
 from .eval.depth.utils import align_depth_least_square
+from .eval.detection.config import DetectionHeadConfig
+from .eval.detection.models.detr import PlainDETR, PlainDETRReParam
 from .eval.segmentation.config import SegmentationConfig, load_config
 from .eval.segmentation.inference import (
     AccumulatorBuffer,
@@ -91,6 +94,7 @@ __all__ = [
     "DepthDecoderConfig",
     "DepthFolder",
     "Depther",
+    "DetectionHeadConfig",
     "DinoVisionTransformer",
     "FeatureDecoder",
     "FeaturesToDepth",
@@ -114,6 +118,8 @@ __all__ = [
     "NYU",
     "PascalVOC",
     "PatchSizeAdaptationStrategy",
+    "PlainDETR",
+    "PlainDETRReParam",
     "SegmentationConfig",
     "SegmentationMetrics",
     "SetCriterion",

@@ -25,7 +25,7 @@ def part_of(module: str) -> tuple[str, str] | None:
         if parts[2] == "utils":
             return "models", "models"  # the official dinov3.eval.utils path: backbone feature extraction
         task = parts[2]
-        if len(parts) > 3 and parts[3] == "models":
+        if len(parts) > 3 and parts[3] in ("models", "util"):  # detection's official `util`: boxes, padded batches
             return f"task-models:{task}", "task-models"
         return f"tasks:{task}", "tasks"
     if top in ("engine", "hub", "models", "layers", "data"):

@@ -26,7 +26,8 @@ def delta2bbox(proposals: torch.Tensor, deltas: torch.Tensor, max_shape=None, wh
                clip_border: bool = True, add_ctr_clamp: bool = False, ctr_clamp: float = 32) -> torch.Tensor:
     """XYXY boxes from `deltas` (dx, dy, dw, dh) applied to `proposals` (cxcywh, pixels): the centre moves by
     (dx, dy) x the proposal's size, the size scales by exp(dw, dh), with |dw|, |dh| clipped at |log(wh_ratio_clip)|.
-    `max_shape` (H, W) clips the corners to the image when `clip_border`."""
+    `max_shape` (H, W) clips the corners to the image when `clip_border`: numbers, or tensors that broadcast against
+    (..., 2) (the detector's per-image valid sizes, (B, 1, 1) each)."""
     max_ratio = abs(math.log(wh_ratio_clip))
     shift = proposals[..., 2:] * deltas[..., :2]
     log_scale = deltas[..., 2:]
@@ -39,9 +40,11 @@ def delta2bbox(proposals: torch.Tensor, deltas: torch.Tensor, max_shape=None, wh
     size = proposals[..., 2:] * log_scale.exp()
     boxes = torch.cat([centre - 0.5 * size, centre + 0.5 * size], dim=-1)
     if clip_border and max_shape is not None:
+        # Numbers, or tensors broadcasting against (..., 2): the detector passes (B, 1, 1) valid sizes per image.
         height, width = max_shape
-        boxes = torch.stack([boxes[..., 0].clamp(0, width), boxes[..., 1].clamp(0, height),
-                             boxes[..., 2].clamp(0, width), boxes[..., 3].clamp(0, height)], dim=-1)
+        xs = boxes[..., 0::2].clamp(min=0).clamp(max=width)
+        ys = boxes[..., 1::2].clamp(min=0).clamp(max=height)
+        boxes = torch.stack([xs[..., 0], ys[..., 0], xs[..., 1], ys[..., 1]], dim=-1)
     return boxes
 
 

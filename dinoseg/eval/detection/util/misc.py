@@ -1,6 +1,10 @@
 """Padded image batches (`NestedTensor`: images and the mask of their padding) and small helpers, official names."""
 
+import copy
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class NestedTensor:
@@ -25,8 +29,9 @@ class NestedTensor:
 
 
 def nested_tensor_from_tensor_list(tensor_list: list[torch.Tensor]) -> NestedTensor:
-    """Pad (C, H, W) images of any sizes with zeros at the bottom and right to the largest H and W of the list."""
-    if not tensor_list or any(t.ndim != 3 for t in tensor_list):
+    """Pad (C, H, W) images of any sizes with zeros at the bottom and right to the largest H and W of the list
+    (a (B, C, H, W) tensor counts as a list of B images, as in the official code)."""
+    if len(tensor_list) == 0 or any(t.ndim != 3 for t in tensor_list):
         raise ValueError("nested_tensor_from_tensor_list takes a non-empty list of (C, H, W) tensors")
     channels = max(t.shape[0] for t in tensor_list)
     height = max(t.shape[1] for t in tensor_list)
@@ -51,3 +56,16 @@ def collate_fn(batch):
     """(image, target) samples -> (NestedTensor of the images, tuple of targets)."""
     images, targets = zip(*batch)
     return nested_tensor_from_tensor_list(list(images)), targets
+
+
+def _get_clones(module: nn.Module, N: int) -> nn.ModuleList:
+    """`N` independent deep copies of `module` (decoder layers, per-layer prediction heads)."""
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(N)])
+
+
+def _get_activation_fn(activation: str):
+    """The activation function named `activation`: relu, gelu or glu."""
+    functions = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+    if activation not in functions:
+        raise ValueError(f"activation should be one of {sorted(functions)}, not {activation!r}")
+    return functions[activation]
