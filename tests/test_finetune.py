@@ -292,6 +292,39 @@ def test_head_checkpoint_of_an_adapted_model_loads_back_strictly():
         load_head_state_dict(frozen, saved, source="ckpt.pth")
 
 
+def test_ddp_over_the_adapted_tensors_needs_every_one_of_them_used(tmp_path):
+    """DDP ignoring `frozen_names` syncs the head and the adapted tensors; a head that stops at an early block
+    needs `last_read_block`, or the adapters past it get no gradient and DDP fails on the next step."""
+    import torch.distributed as dist
+
+    class EarlyHead(TinyModel):
+        def forward(self, x):
+            return self.head(self.backbone.get_intermediate_layers(x, n=[1])[0]).mean()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for last_read_block in (1, None):
+            backbone, ref = official(VIT_MLP)
+            model = EarlyHead(adapt_backbone(backbone, "lora", last_read_block=last_read_block))
+            frozen = frozen_names(model)
+            ignored = [n for n, _ in model.named_parameters() if n in frozen]
+            ignored += [n for n, _ in model.named_buffers() if n in frozen]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+            ddp = nn.parallel.DistributedDataParallel(model)
+            synced = {id(p) for p in ddp._module_parameters}
+            assert synced == {id(p) for p in model.parameters() if p.requires_grad}
+            set_train_mode(model)
+            x = ref["x"][:1, :, :32, :32]
+            ddp(x).backward()
+            if last_read_block is None:
+                with pytest.raises(RuntimeError, match="parameters that were not used"):
+                    ddp(x).backward()
+            else:
+                ddp(x).backward()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_train_mode_reaches_the_blocks_that_train_only():
     model = TinyModel(adapt_backbone(official(VIT_MLP)[0], "blocks", blocks=2))
     set_train_mode(model)
