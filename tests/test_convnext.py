@@ -171,8 +171,8 @@ def test_layer_scale_is_optional():
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="drop_path_rate > 0 is not supported"):
-        ConvNeXt(drop_path_rate=0.1)
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
+        ConvNeXt(drop_path_rate=1.0)
     with pytest.raises(ValueError, match="4 stages each"):
         ConvNeXt(depths=[1, 1, 1], dims=[8, 8, 8])
     with pytest.raises(ValueError, match="patch_size must be a positive int or None, got 0"):

@@ -14,7 +14,7 @@ from urllib.request import url2pathname
 import torch
 from torch import nn
 
-from .frozen import frozen_prefixes
+from .frozen import frozen_names, frozen_prefixes, trainable_backbone_names
 
 
 class CheckpointError(RuntimeError):
@@ -249,13 +249,15 @@ def find_in_hub_cache(filename: str, description: str, url: str) -> Path:
 
 def load_head_state_dict(model: nn.Module, state_dict: dict, source: str, assign: bool = False) -> None:
     """Strict on the head: every head key must be present with its shape, and nothing else (backbone keys
-    included: the frozen backbone keeps its own weights). `assign=True` for a head built on the meta device."""
-    skip = tuple(frozen_prefixes(model))
-    stray = [k for k in state_dict if k.startswith(skip)]
+    included: the frozen backbone keeps its own weights; an adapted backbone's adapted tensors are part of the
+    head checkpoint). `assign=True` for a head built on the meta device."""
+    skip, adapted = tuple(frozen_prefixes(model)), trainable_backbone_names(model)
+    stray = [k for k in state_dict if k.startswith(skip) and k not in adapted]
     if stray:
         raise CheckpointError(f"{source}: head checkpoint holds {len(stray)} backbone keys ({', '.join(stray[:3])}); "
                               f"the backbone is loaded from its own checkpoint")
-    head = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    frozen = frozen_names(model)
+    head = {k: v for k, v in model.state_dict().items() if k not in frozen}
     problem = describe_mismatch(head, state_dict)
     if problem:
         raise CheckpointError(f"{source}: head checkpoint does not fit the configured model: {problem}")

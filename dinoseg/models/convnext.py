@@ -6,7 +6,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..layers.drop_path import DropPath
 from .precision import in_weights_precision
 
 N_STAGES = 4
@@ -21,12 +23,15 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class Block(nn.Module):
-    """Depthwise 7x7 conv -> LayerNorm -> 4x MLP (GELU) -> per-channel scale `gamma`, added to the input.
+    """Depthwise 7x7 conv -> LayerNorm -> 4x MLP (GELU) -> per-channel scale `gamma` -> stochastic depth, added to
+    the input.
 
-    `gamma` is a bare parameter (key `gamma`), absent when `layer_scale_init_value <= 0`.
+    `gamma` is a bare parameter (key `gamma`), absent when `layer_scale_init_value <= 0`. `drop_path` drops the
+    branch of whole samples in training mode only. `gradient_checkpointing` (set by `dinoseg.models.finetune` on
+    the blocks that train) recomputes the block's activations in the backward pass instead of storing them.
     """
 
-    def __init__(self, dim: int, layer_scale_init_value: float = 1e-6, device=None):
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6, *, device=None):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, device=device)
         self.norm = nn.LayerNorm(dim, eps=1e-6, device=device)
@@ -39,13 +44,26 @@ class Block(nn.Module):
             if layer_scale_init_value > 0
             else None
         )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant checkpointing restores the RNG state for the recomputation: same drop-path draws.
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dwconv(x).permute(0, 2, 3, 1)  # channels last for the norm and the linear layers
         y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
         if self.gamma is not None:
             y = y * self.gamma
-        return x + y.permute(0, 3, 1, 2)
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+def _linear_rates(last: float, n: int) -> list[float]:
+    """`n` drop-path rates from 0 to `last`, evenly spaced (the official `np.linspace(0, drop_path_rate, n)`)."""
+    return [last * i / (n - 1) for i in range(n)] if n > 1 else [0.0] * n
 
 
 def _stem(in_chans: int, dim: int, device=None) -> nn.Sequential:
@@ -66,7 +84,8 @@ class ConvNeXt(nn.Module):
         in_chans: input channels.
         depths: blocks per stage (4 stages).
         dims: width of each stage.
-        drop_path_rate: must be 0: dinoseg runs the backbone frozen (stochastic depth is a pre-training tool).
+        drop_path_rate: stochastic depth of the last block; the official schedule rises linearly from 0 over the
+            blocks. It acts only on blocks in training mode, so a frozen backbone (always in eval mode) is unaffected.
         layer_scale_init_value: initial `gamma`; <= 0 removes the layer scale.
         patch_size: optional "pseudo patch size": `get_intermediate_layers` resizes its maps to
             (H // patch_size, W // patch_size), the grid of a ViT with that patch size. None keeps the stage grids.
@@ -90,16 +109,17 @@ class ConvNeXt(nn.Module):
         super().__init__()
         if len(depths) != N_STAGES or len(dims) != N_STAGES:
             raise ValueError(f"ConvNeXt: depths and dims need {N_STAGES} stages each, got {list(depths)}, {list(dims)}")
-        if drop_path_rate:
-            raise ValueError("drop_path_rate > 0 is not supported: dinoseg runs the backbone frozen")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"ConvNeXt: drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if patch_size is not None and patch_size <= 0:
             raise ValueError(f"ConvNeXt: patch_size must be a positive int or None, got {patch_size}")
         dims = list(dims)
         self.downsample_layers = nn.ModuleList(
             [_stem(in_chans, dims[0], device)] + [_downsample(dims[i], dims[i + 1], device) for i in range(3)]
         )
+        rates = iter(_linear_rates(drop_path_rate, sum(depths)))
         self.stages = nn.ModuleList(
-            nn.Sequential(*(Block(dim, layer_scale_init_value, device=device) for _ in range(depth)))
+            nn.Sequential(*(Block(dim, next(rates), layer_scale_init_value, device=device) for _ in range(depth)))
             for depth, dim in zip(depths, dims)
         )
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6, device=device)

@@ -17,6 +17,9 @@ NORM_LAYERS = {
 
 
 class DinoVisionTransformer(nn.Module):
+    """`drop_path_rate`: the official stochastic depth, the same rate in every block (see `SelfAttentionBlock`); it
+    acts only on blocks in training mode, so a frozen backbone (always in eval mode) is unaffected."""
+
     def __init__(
         self,
         *,
@@ -53,9 +56,8 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"unknown norm_layer {norm_layer!r}; expected one of {sorted(NORM_LAYERS)}")
         if pos_embed_rope_dtype not in DTYPES:
             raise ValueError(f"unknown pos_embed_rope_dtype {pos_embed_rope_dtype!r}; expected one of {sorted(DTYPES)}")
-        if drop_path_rate:
-            # The backbone is frozen in dinoseg; stochastic depth only matters for pre-training.
-            raise ValueError("drop_path_rate > 0 is not supported: dinoseg runs the backbone frozen")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         norm = NORM_LAYERS[norm_layer]
         self.img_size = img_size  # informational: any multiple of patch_size is accepted
         self.num_features = self.embed_dim = embed_dim
@@ -92,6 +94,7 @@ class DinoVisionTransformer(nn.Module):
                 ffn_layer=ffn_layer,
                 norm_layer=norm,
                 init_values=layerscale_init,
+                drop_path=drop_path_rate,  # the official rate is the same for every block
                 mask_k_bias=mask_k_bias,
                 device=device,
             )

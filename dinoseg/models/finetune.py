@@ -1,0 +1,340 @@
+"""Adapting a frozen backbone (`model.finetune`): LoRA adapters, or its last blocks, train; the rest stays frozen.
+
+- `adapt_backbone(backbone, mode, ...)` adapts a built DINOv3 ViT or ConvNeXt in place. `lora` replaces the
+  targeted linear layers of its blocks with `LoRALinear` (official keys kept, adapters `lora_A` / `lora_B` added,
+  B = 0: outputs unchanged until B trains); `blocks` trains the parameters of the last N blocks (ConvNeXt: the
+  last N stages, each with the downsampling layer in front of it). The final norms stay frozen in both modes: the
+  official `blocks_to_train` selects block parameters only, and the final norm is applied to the outputs of
+  every block a head reads, so training it would change features of blocks meant to stay frozen. `frozen` leaves
+  the backbone untouched.
+- The backbone is marked frozen with an `Adaptation` record (`dinoseg.models.frozen`), which checkpoints, DDP
+  and training-mode switching read: what trains, and which blocks run in training mode (stochastic depth).
+- Checkpoint helpers: the adapted tensors' names and state dict, strict loading, merging LoRA into the weights
+  (export), parameter groups with a backbone lr multiplier and layer-wise lr decay, and the identity of the base
+  backbone so that adapted tensors are never applied to another one.
+
+Errors in the values are `FinetuneError` (a ValueError) naming the `model.finetune` key.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layers.lora import LoRALinear
+from .backbones import _weights_location
+from .checkpoint import CheckpointError, describe_mismatch, resolve_weights_path
+from .convnext import ConvNeXt
+from .frozen import ADAPTATION, Adaptation, adaptation_of, freeze_backbone, trainable_backbone_names
+from .precision import HALF_DTYPES
+from .vision_transformer import DinoVisionTransformer
+
+MODES = ("frozen", "lora", "blocks")
+# The layers LoRA adapts when `targets` is None.
+DEFAULT_LORA_TARGETS = {DinoVisionTransformer: ("qkv", "proj"), ConvNeXt: ("pwconv1", "pwconv2")}
+
+
+class FinetuneError(ValueError):
+    """A `model.finetune` value that cannot apply to this backbone; the message names the key and the value."""
+
+    def __init__(self, key: str, value, why: str):
+        self.key = key
+        super().__init__(f"model.finetune.{key}={value!r}: {why}")
+
+
+class BackboneMismatchError(CheckpointError):
+    """Adapted tensors recorded for another backbone than the one they are being applied to."""
+
+
+# -- structure -----------------------------------------------------------------------------------------------------
+
+def n_layers(backbone: nn.Module) -> int:
+    """Blocks of a ViT, stages of a ConvNeXt: the units of `blocks` and of the layer-wise lr decay."""
+    return len(backbone.blocks) if isinstance(backbone, DinoVisionTransformer) else len(backbone.stages)
+
+
+def _units(backbone: nn.Module, first: int, stop: int) -> list[str]:
+    """Module names of blocks (ConvNeXt: stages with their downsampling layer) `first` .. `stop - 1`."""
+    if isinstance(backbone, DinoVisionTransformer):
+        return [f"blocks.{i}" for i in range(first, stop)]
+    return [name for i in range(first, stop) for name in (f"downsample_layers.{i}", f"stages.{i}")]
+
+
+def _residual_blocks(backbone: nn.Module, stop: int) -> list[str]:
+    """Module names of the residual blocks of the first `stop` layers (ConvNeXt: every block of those stages)."""
+    if isinstance(backbone, DinoVisionTransformer):
+        return [f"blocks.{i}" for i in range(stop)]
+    return [f"stages.{i}.{j}" for i in range(stop) for j in range(len(backbone.stages[i]))]
+
+
+def layer_id(backbone: nn.Module, name: str) -> int:
+    """Depth of backbone tensor `name` for layer-wise lr decay (the BEiT / DINOv2 convention): the patch embedding
+    and tokens (ConvNeXt: the stem) are layer 0, block (ConvNeXt: stage) i is layer i + 1, the final norms are
+    layer n + 1, like the head."""
+    parts = name.split(".")
+    n = n_layers(backbone)
+    if isinstance(backbone, DinoVisionTransformer):
+        if parts[0] == "blocks":
+            return int(parts[1]) + 1
+        return n + 1 if parts[0] in ("norm", "cls_norm", "local_cls_norm", "head") else 0
+    if parts[0] in ("stages", "downsample_layers"):
+        stage = int(parts[1])
+        return 0 if parts[0] == "downsample_layers" and stage == 0 else stage + 1
+    return n + 1 if parts[0] in ("norm", "norms", "head") else 0
+
+
+# -- adapting ------------------------------------------------------------------------------------------------------
+
+def _check_int(key: str, value, low: int, high: int | None = None, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise FinetuneError(key, value, why or f"must be an integer {bound}")
+
+
+def adapt_backbone(
+    backbone: nn.Module,
+    mode: str = "frozen",
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: list[str] | tuple[str, ...] | None = None,
+    blocks: int = 2,
+    gradient_checkpointing: bool = False,
+    last_read_block: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Adapt `backbone` (a DINOv3 ViT or ConvNeXt with its weights loaded) in place and return it, frozen but for
+    the adapted tensors (see the module docstring). `mode` "frozen" returns it untouched.
+
+    rank, alpha: LoRA rank and scale (the update is alpha / rank * B A). targets: names of the linear layers of the
+    blocks to adapt (ViT: qkv, proj, fc1, fc2, or w1, w2, w3 for SwiGLU; ConvNeXt: pwconv1, pwconv2); None for
+    `DEFAULT_LORA_TARGETS`. blocks: how many of the last blocks (ConvNeXt: stages) train. gradient_checkpointing:
+    recompute the activations of the blocks that train in the backward pass. last_read_block: the deepest block
+    (ConvNeXt: stage) the head reads, None for the last: blocks past it never run, so LoRA leaves them alone and
+    `blocks` counts back from it. seed: draws the LoRA `A` matrices (the global RNG is not touched).
+    """
+    if mode not in MODES:
+        raise FinetuneError("mode", mode, f"expected one of {', '.join(MODES)}")
+    if mode == "frozen":
+        return backbone
+    if not isinstance(backbone, (DinoVisionTransformer, ConvNeXt)):
+        raise FinetuneError("mode", mode, f"adapts a DinoVisionTransformer or ConvNeXt, not a {type(backbone).__name__}")
+    if adaptation_of(backbone) is not None:
+        raise FinetuneError("mode", mode, f"this backbone is already adapted ({adaptation_of(backbone).mode})")
+    if any(p.device.type == "meta" for p in backbone.parameters()):
+        raise ValueError("adapt_backbone: load the backbone's weights first (its tensors are on the meta device)")
+    n = n_layers(backbone)
+    if last_read_block is not None:
+        _check_int("last_read_block", last_read_block, 0, n - 1)
+    used = n if last_read_block is None else last_read_block + 1
+    settings = {"mode": mode, "last_read_block": last_read_block}
+    if mode == "lora":
+        _check_int("lora_rank", rank, 1)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise FinetuneError("lora_alpha", alpha, "must be a number > 0")
+        targets = _lora_targets(backbone, targets, used)
+        trainable, train_modules = _add_lora(backbone, rank, float(alpha), targets, used, seed)
+        settings.update(lora_rank=rank, lora_alpha=float(alpha), lora_targets=list(targets))
+    else:
+        what = "blocks" if isinstance(backbone, DinoVisionTransformer) else "stages"
+        reach = f" (the head reads up to {what[:-1]} {used - 1})" if used < n else ""
+        _check_int("blocks", blocks, 1, used, f"must be an integer in [1, {used}]: this backbone has {n} {what}{reach}")
+        train_modules = tuple(_units(backbone, used - blocks, used))
+        trainable = tuple(f"{unit}.{p}" for unit in train_modules
+                          for p, _ in backbone.get_submodule(unit).named_parameters())
+        _float32(backbone, trainable)  # trained tensors keep float32 master weights under half-precision storage
+        settings.update(blocks=blocks)
+    settings.update(gradient_checkpointing=bool(gradient_checkpointing))
+    for unit in train_modules:
+        for module in backbone.get_submodule(unit).modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = bool(gradient_checkpointing)
+    setattr(backbone, ADAPTATION, Adaptation(mode, trainable, train_modules, settings))
+    if mode == "lora" and not getattr(backbone, "_dinoseg_lora_hook", False):
+        backbone.register_load_state_dict_pre_hook(_keep_adapters_on_base_load)
+        backbone._dinoseg_lora_hook = True
+    return freeze_backbone(backbone)
+
+
+def _lora_targets(backbone: nn.Module, targets, used: int) -> tuple[str, ...]:
+    available = sorted({name.rsplit(".", 1)[-1] for block in _residual_blocks(backbone, used)
+                        for name, m in backbone.get_submodule(block).named_modules() if isinstance(m, nn.Linear)})
+    if targets is None:
+        return DEFAULT_LORA_TARGETS[type(backbone)]
+    if isinstance(targets, str) or not targets:
+        raise FinetuneError("lora_targets", targets, f"expected a non-empty list of layer names among {available}")
+    for target in targets:
+        if target not in available:
+            raise FinetuneError("lora_targets", list(targets), f"{target!r} matches no linear layer of this "
+                                f"{type(backbone).__name__}'s blocks; they are {', '.join(available)}")
+    if len(set(targets)) != len(targets):
+        raise FinetuneError("lora_targets", list(targets), "lists a layer twice")
+    return tuple(targets)
+
+
+def _add_lora(backbone: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], used: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    trainable, train_modules = [], []
+    for block in _residual_blocks(backbone, used):
+        block_module = backbone.get_submodule(block)
+        layers = [(name, m) for name, m in block_module.named_modules()
+                  if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+        for name, layer in layers:
+            parent_name, _, attr = name.rpartition(".")
+            parent = block_module.get_submodule(parent_name) if parent_name else block_module
+            setattr(parent, attr, LoRALinear(layer, rank, alpha, generator=generator))
+            trainable += [f"{block}.{name}.lora_A", f"{block}.{name}.lora_B"]
+        if layers:
+            train_modules.append(block)
+    return tuple(trainable), tuple(train_modules)
+
+
+def _float32(backbone: nn.Module, names) -> None:
+    for name in names:
+        param = backbone.get_parameter(name)
+        if param.dtype in HALF_DTYPES:
+            param.data = param.data.float()
+
+
+def _keep_adapters_on_base_load(module, state_dict, prefix, *args) -> None:
+    # A state dict without any adapter (an official checkpoint: the base weights) loads strictly into an adapted
+    # backbone, its adapters keeping their values; one holding some adapters must hold them all (strict load).
+    adaptation = adaptation_of(module)
+    if adaptation is None or adaptation.mode != "lora":
+        return
+    if any(prefix + name in state_dict for name in adaptation.trainable):
+        return
+    for name in adaptation.trainable:
+        state_dict[prefix + name] = module.get_parameter(name).detach()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+def adapted_names(backbone: nn.Module) -> tuple[str, ...]:
+    """Names (relative to the backbone) of the adapted tensors: what a checkpoint holds of the backbone."""
+    adaptation = adaptation_of(backbone)
+    return adaptation.trainable if adaptation is not None else ()
+
+
+def adapted_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapted tensors, detached, on the CPU."""
+    return {name: backbone.get_parameter(name).detach().cpu() for name in adapted_names(backbone)}
+
+
+def load_adapted_state_dict(backbone: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy adapted tensors into an adapted backbone, strictly: every adapted tensor present with its shape, and
+    nothing else (a `CheckpointError` names `source` and the keys at fault)."""
+    own = {name: backbone.get_parameter(name) for name in adapted_names(backbone)}
+    problem = describe_mismatch(own, state_dict)
+    if problem:
+        raise CheckpointError(f"{source}: adapted tensors do not fit the configured backbone: {problem}")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(state_dict[name])
+
+
+def merge_lora(backbone: nn.Module) -> nn.Module:
+    """Fold the LoRA adapters into the base weights, in place: the backbone becomes a plain frozen one (official
+    keys only, outputs equal to the adapted ones up to rounding). Other backbones are returned unchanged."""
+    adaptation = adaptation_of(backbone)
+    if adaptation is None or adaptation.mode != "lora":
+        return backbone
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(backbone.get_submodule(parent_name), attr, module.merged())
+    delattr(backbone, ADAPTATION)
+    return freeze_backbone(backbone)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, *, lr_multiplier: float = 0.1,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups over the trainable parameters of `model`: the head first (`lr`, `weight_decay`), then
+    the adapted backbone tensors at lr * lr_multiplier * layer_decay ** (n + 1 - layer_id) (see `layer_id`),
+    without weight decay on 1-D tensors (biases, norms, layer scales), as in BEiT / DINOv2 fine-tuning. Without
+    an adapted backbone this is one group, the optimizer of a frozen backbone."""
+    if isinstance(lr_multiplier, bool) or not isinstance(lr_multiplier, (int, float)) or not lr_multiplier > 0:
+        raise FinetuneError("lr_multiplier", lr_multiplier, "must be a number > 0")
+    if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+        raise FinetuneError("layer_decay", layer_decay, "must be a number in (0, 1]")
+    backbones = {}
+    for module_name, module in model.named_modules():
+        if adaptation_of(module) is not None:
+            backbones[module_name + "." if module_name else ""] = module
+    in_backbones = trainable_backbone_names(model)
+    head = [p for name, p in model.named_parameters() if p.requires_grad and name not in in_backbones]
+    groups = [{"params": head, "lr": lr, "weight_decay": weight_decay}] if head else []
+    by_key: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if name not in in_backbones or not param.requires_grad:
+            continue
+        prefix = max((p for p in backbones if name.startswith(p)), key=len)
+        backbone = backbones[prefix]
+        depth = layer_id(backbone, name[len(prefix):])
+        scale = lr_multiplier * layer_decay ** (n_layers(backbone) + 1 - depth)
+        decay = weight_decay if param.ndim >= 2 else 0.0
+        key = (prefix, depth, decay)
+        if key not in by_key:
+            by_key[key] = {"params": [], "lr": lr * scale, "weight_decay": decay}
+            groups.append(by_key[key])
+        by_key[key]["params"].append(param)
+    return groups
+
+
+# -- identity of the base backbone ---------------------------------------------------------------------------------
+
+def backbone_identity(backbone: nn.Module, dino_hub: str | None, pretrained_weights: str | None,
+                      random_init_seed: int = 0) -> dict:
+    """What an adapted checkpoint records of its base backbone: the hub name, the weights file (name and size; a
+    Hugging Face directory: its name and the total size of its files) or the seed of random weights, and the
+    architecture (class, depth, width, and a digest of every base tensor's name and shape)."""
+    identity = {"dino_hub": dino_hub, "weights": None, "random_init_seed": None,
+                "architecture": _architecture(backbone)}
+    if pretrained_weights:
+        identity["weights"] = _weights_file(dino_hub, pretrained_weights)
+    else:
+        identity["random_init_seed"] = random_init_seed
+    return identity
+
+
+def _architecture(backbone: nn.Module) -> dict:
+    adapted = set(adapted_names(backbone))
+    shapes = sorted(f"{k}:{tuple(v.shape)}" for k, v in backbone.state_dict().items() if k not in adapted)
+    digest = hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16]
+    return {"class": type(backbone).__name__, "layers": n_layers(backbone), "embed_dim": backbone.embed_dim,
+            "tensors": digest}
+
+
+def _weights_file(dino_hub: str | None, weights: str) -> dict:
+    path = resolve_weights_path(_weights_location(dino_hub, weights) if dino_hub else weights)
+    if path.is_dir():
+        size = sum(f.stat().st_size for f in sorted(path.iterdir()) if f.is_file())
+    else:
+        size = path.stat().st_size
+    return {"file": Path(path).name, "bytes": size}
+
+
+def _describe(field: str, value) -> str:
+    if field == "weights":
+        return "random weights" if value is None else f"{value['file']} ({value['bytes']} bytes)"
+    if field == "architecture":
+        return (f"{value['class']} with {value['layers']} layers of width {value['embed_dim']} "
+                f"(tensor shapes {value['tensors']})")
+    if field == "random_init_seed":
+        return "pretrained weights" if value is None else f"random weights of seed {value}"
+    return repr(value)
+
+
+def check_backbone_identity(recorded: dict, current: dict, source: str) -> None:
+    """Refuse (one line, `BackboneMismatchError`) adapted tensors recorded for another backbone than `current`."""
+    if not isinstance(recorded, dict) or set(recorded) != set(current):
+        raise BackboneMismatchError(f"{source}: no readable backbone identity; it cannot be checked against this "
+                                    f"run's backbone")
+    for field in ("dino_hub", "weights", "random_init_seed", "architecture"):
+        if recorded[field] != current[field]:
+            raise BackboneMismatchError(
+                f"{source}: adapted on another backbone ({field}: {_describe(field, recorded[field])} in the "
+                f"checkpoint, {_describe(field, current[field])} here); adapted tensors only apply to their own "
+                f"base backbone"
+            )
