@@ -11,10 +11,10 @@ Every pipeline is a callable ``(image, target) -> (image, target)``: it takes wh
     image_id, orig_size (H, W as stored: where the evaluation maps boxes back to)
     size       int64 [2], (H', W') after the transforms (before any batch padding)
 
-Boxes move with the image through tv_tensors.BoundingBoxes; a crop clamps them to itself and drops those left
-with less than a pixel of width or height (``SanitizeBoundingBoxes``), as Plain-DETR drops empty ones. Random
-draws use torch's RNG, so DataLoader workers (seeded per worker and epoch) draw different augmentations,
-reproducibly. Batch the outputs with ``dinoseg.eval.detection.util.misc.collate_fn``.
+Boxes move with the image through tv_tensors.BoundingBoxes (torchvision does the box arithmetic); a crop clamps
+them to itself and drops those left with less than a pixel of width or height (``SanitizeBoundingBoxes``), as
+Plain-DETR drops empty ones. Random draws use torch's RNG, so DataLoader workers (seeded per worker and epoch)
+draw different augmentations, reproducibly. Batch the outputs with ``dinoseg.eval.detection.util.misc.collate_fn``.
 
 Train (Plain-DETR's ``make_coco_transforms("train")``): horizontal flip (p 0.5), then with equal chance either
 a resize of the short side to one of ``scales`` (long side at most ``max_size``) or the random resize-crop
@@ -41,6 +41,40 @@ MAX_SIZE = 1333
 CROP_SCALES = (400, 500, 600)
 CROP_MIN_SIZE, CROP_MAX_SIZE = 384, 600
 EVAL_SIZE = 800
+
+
+def resized_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """(H', W') with the short side `size` (reduced so that the long side stays within `max_size`), the long side
+    rounded down: Plain-DETR's rule, so images get exactly its sizes."""
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+class RandomResize:
+    """Resize ``(image, target)`` so that the short side is one of `sizes` (drawn uniformly) and the long side at
+    most `max_size` (`resized_size`): Plain-DETR's ``RandomResize``; boxes are scaled with the image."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None):
+        self.sizes = [int(s) for s in sizes]
+        if not self.sizes or min(self.sizes) <= 0:
+            raise ValueError(f"RandomResize needs positive sizes, got {sizes}")
+        if max_size is not None and max_size < min(self.sizes):
+            raise ValueError(f"max_size={max_size} is below the sizes {self.sizes}")
+        self.max_size = max_size
+
+    def __call__(self, *inputs):
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))] if len(self.sizes) > 1 else self.sizes[0]
+        height, width = F.get_size(inputs[0])
+        return v2.Resize(resized_size(height, width, size, self.max_size), antialias=True)(*inputs)
+
+    def __repr__(self) -> str:
+        return f"RandomResize(sizes={self.sizes}, max_size={self.max_size})"
 
 
 class RandomSizeCrop:
@@ -136,15 +170,12 @@ def make_detection_train_transforms(
     """Plain-DETR's training augmentation (module docstring), its defaults. ``crop_scales=None`` leaves out the
     resize-crop branch (multi-scale resize only); ``reparam``: boxes in pixels (the reparameterised detector)
     instead of fractions of the image size."""
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales must be positive sizes, got {scales}")
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
-    resize = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
+    resize = RandomResize(scales, max_size)
     steps: list[Callable] = [v2.RandomHorizontalFlip(flip_prob)] if flip_prob > 0 else []
     if crop_scales is not None:
-        crop = v2.Compose([v2.RandomShortestSize(list(crop_scales), antialias=True),
-                           RandomSizeCrop(crop_min_size, crop_max_size), resize])
+        crop = v2.Compose([RandomResize(crop_scales), RandomSizeCrop(crop_min_size, crop_max_size), resize])
         steps.append(v2.RandomChoice([resize, crop]))
     else:
         steps.append(resize)
@@ -162,6 +193,4 @@ def make_detection_eval_transforms(
 ) -> DetectionTransform:
     """Plain-DETR's evaluation transform: the short side to `size`, the long side at most `max_size`; every box
     is kept (the evaluation reads the ground truth from the dataset, `dinoseg.eval.detection.metrics`)."""
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    return DetectionTransform([v2.Resize(size, max_size=max_size, antialias=True)], mean=mean, std=std, reparam=reparam)
+    return DetectionTransform([RandomResize([size], max_size)], mean=mean, std=std, reparam=reparam)
