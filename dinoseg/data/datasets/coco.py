@@ -204,9 +204,14 @@ class DetectionDataset(PairedDataset):
             a["segmentation"] = []  # what exporters of box-only data write
         gt["info"] = {"description": repr(self)}
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".annotations.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(gt, f)
-        os.replace(tmp, ann_path)
+        try:  # the annotation file appears whole or not at all
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(gt, f)
+            os.replace(tmp, ann_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return images_dir, ann_path
 
     def __repr__(self) -> str:
