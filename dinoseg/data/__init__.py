@@ -1,4 +1,4 @@
-"""Segmentation and depth data: datasets, dataset selection from a config or string, loaders, data checks."""
+"""Segmentation, depth and detection data: datasets, dataset selection from a config or string, loaders, data checks."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ from typing import Any
 
 from .datasets import (
     ADE20K,
+    COCO,
     IGNORE_INDEX,
     KITTI,
     NYU,
     Cityscapes,
+    CocoJson,
     DepthDataset,
     DepthFolder,
+    DetectionDataset,
     ImageMaskFolder,
     PascalVOC,
     SegmentationDataset,
+    SyntheticBoxes,
     SyntheticDepth,
     SyntheticShapes,
 )
@@ -39,6 +43,11 @@ DATASETS: dict[str, type] = {
     "kitti": KITTI,
     "depthfolder": DepthFolder,
     "syntheticdepth": SyntheticDepth,
+    # detection
+    "coco": COCO,
+    "coco2017": COCO,
+    "cocojson": CocoJson,
+    "syntheticboxes": SyntheticBoxes,
 }
 # Official split names (``ADE20K:split=TRAIN``) -> ours.
 _OFFICIAL_SPLITS = {"TRAIN": "train", "VAL": "val", "TEST": "test"}
@@ -134,18 +143,22 @@ def make_dataset(config_or_string, transforms: Callable | None = None, *, defaul
 
 __all__ = [
     "ADE20K",
+    "COCO",
     "DATASETS",
     "IGNORE_INDEX",
     "Cityscapes",
+    "CocoJson",
     "DatasetError",
     "DepthDataset",
     "DepthFolder",
+    "DetectionDataset",
     "ImageMaskFolder",
     "InfiniteDataloader",
     "KITTI",
     "NYU",
     "PascalVOC",
     "SegmentationDataset",
+    "SyntheticBoxes",
     "SyntheticDepth",
     "SyntheticShapes",
     "UnpaddedDistributedSampler",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .datasets.coco import DetectionDataset
 from .datasets.common import size_mismatch
 from .datasets.depth_base import DepthDataset
 from .io import DatasetError, exif_orientation
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
 
         report = check_depth_dataset(dataset, max_samples=args.max_samples, progress=not args.no_progress)
         print(format_depth_report(report, args.max_problems))
+        return 0 if report.ok else 1
+    if isinstance(dataset, DetectionDataset):
+        from .detection_check import check_detection_dataset, format_detection_report
+
+        report = check_detection_dataset(dataset, max_samples=args.max_samples, progress=not args.no_progress)
+        print(format_detection_report(report, args.max_problems))
         return 0 if report.ok else 1
     report = check_dataset(dataset, max_samples=args.max_samples, progress=not args.no_progress)
     print(format_report(report, args.max_problems))
