@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .check import Problem, indexing_problems, read_pair, sample_indices
+from .check_common import Problem, indexing_problems, read_pair, sample_indices
 from .datasets.depth_base import depth_bit_depth
 
 # Plausible median depth of a scene (metres): below, the map is probably in a larger unit than declared
