@@ -335,6 +335,22 @@ def test_out_of_range_dataset_options_are_one_line(descriptor, message, tmp_path
     assert capsys.readouterr().err.splitlines() == [f"dinoseg: error: {message}"]
 
 
+def test_a_newly_registered_dataset_gets_its_options_checked(monkeypatch):
+    """The checks come from the constructor's signature: a dataset added to DATASETS needs no code of its own."""
+    from dinoseg.data import DATASETS
+
+    class Boxes(SyntheticShapes):
+        def __init__(self, split: str = "train", transforms=None, *, min_area: float = 0.0, keep_crowd: bool = False):
+            super().__init__(split, num_samples=2, transforms=transforms)
+            self.min_area, self.keep_crowd = min_area, keep_crowd
+
+    monkeypatch.setitem(DATASETS, "boxes", Boxes)
+    boxes = make_dataset("Boxes:split=val:min_area=2.5:keep_crowd=yes")
+    assert (boxes.min_area, boxes.keep_crowd) == (2.5, True)
+    with pytest.raises(DatasetError, match=r"Boxes option min_area='big' must be a number"):
+        make_dataset("Boxes:min_area=big")
+
+
 def test_the_official_make_dataset_call_form(tmp_path):
     """The official `make_dataset(*, dataset_str, transform=None, target_transform=None, transforms=None)` beside the
     project's positional form; the official datasets carry the three transforms."""

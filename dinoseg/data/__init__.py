@@ -113,7 +113,7 @@ def _spec_to_dict(config) -> dict[str, Any]:
     return spec
 
 
-def dataset_class(type_name: str) -> type:
+def _dataset_class(type_name: str) -> type:
     """The dataset class of a type name as configs write it (case, ``_`` and ``-`` ignored)."""
     cls = DATASETS.get(str(type_name).strip().lower().replace("_", "").replace("-", ""))
     if cls is None:
@@ -151,7 +151,7 @@ def make_dataset(
     text_keys = set(spec) - set(overrides) if isinstance(description, str) else set()
     shown = repr(description) if isinstance(description, str) else repr(spec)
     spec.update(overrides)
-    cls = dataset_class(spec.pop("type"))
+    cls = _dataset_class(spec.pop("type"))
     params = inspect.signature(cls.__init__).parameters
     if default_root and spec.get("root") is None and "root" in params:
         spec["root"] = default_root

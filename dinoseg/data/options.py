@@ -121,10 +121,12 @@ def dataset_options(cls: type, options: Mapping[str, Any], text_keys=(), descrip
     given as text, read as their type."""
     name = cls.__name__
     prefix = f"dataset {description}: " if description else ""
-    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+    signature = inspect.signature(cls.__init__).parameters
+    params = {k: p for k, p in signature.items()
               if k not in ("self", "transforms") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())  # takes **kwargs: any name may be right
     for key in options:
-        if key not in params:
+        if key not in params and not open_ended:
             raise DatasetError(f"{prefix}unknown option {key!r} for dataset {name}; expected one of {list(params)}")
     try:
         hints = typing.get_type_hints(cls.__init__)
