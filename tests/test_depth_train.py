@@ -344,3 +344,19 @@ def test_demo_beats_the_mean_depth(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trained head:" in printed and "mean depth (" in printed
     assert (out / "training_curves.png").exists() and len(list((out / "predictions").glob("*_depth.png"))) == 4
+
+
+def test_the_readme_quotes_the_demo_numbers_its_config_states():
+    """What `dinoseg demo demo_depth.yaml` gives is measured once and written twice (README, the config's comment):
+    the two must agree, metric by metric, for the trained head and the mean-depth baseline."""
+    import re
+
+    from .engine_utils import REPO
+
+    pattern = r"RMSE (\d\.\d+) m, AbsRel (\d\.\d+), delta1 (\d\.\d+)"
+    comment = [line.lstrip("# ") for line in (REPO / "dinoseg" / "configs" / "demo_depth.yaml").read_text().splitlines()]
+    config = " ".join(" ".join(comment).split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    demo = readme[readme.index("`dinoseg demo demo_depth.yaml` trains"):]
+    quoted = re.findall(pattern, config)
+    assert len(quoted) == 2 and quoted == re.findall(pattern, demo)[:2]
