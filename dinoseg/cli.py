@@ -9,6 +9,7 @@ translated key by key.
 
 import argparse
 import logging
+import re
 import sys
 
 from tqdm import tqdm
@@ -24,6 +25,7 @@ from .models.checkpoint import CheckpointError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+_ERROR_HEAD = re.compile(r"^[A-Za-z_][\w.]*: ")  # "module.path.ErrorClass: " opening a traceback's last error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,11 +82,14 @@ class _AboveBars(logging.StreamHandler):
 
 def one_line(error: BaseException) -> str:
     """The message of `error` on one line. An error raised in a data-loader worker comes back wrapped in the
-    worker's traceback; its last line is the original message (which names the file)."""
+    worker's traceback, which ends with the original error as ``module.path.ErrorClass: message``: its message alone
+    is kept, so that the line reads as when the error is raised in the main process."""
     text = str(error).strip() or type(error).__name__
     if "Original Traceback" in text:
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+        lines = [line for line in text.splitlines() if line.strip()]
+        # The original error starts on the last unindented line that begins with a (dotted) class name.
+        start = max((i for i, line in enumerate(lines) if _ERROR_HEAD.match(line)), default=len(lines) - 1)
+        text = _ERROR_HEAD.sub("", "\n".join(lines[start:]), count=1)
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{error.filename}: {text}"
     return " ".join(text.split())

@@ -1,6 +1,6 @@
 """The layering of ARCHITECTURE.md, checked on every import statement of the package (lazy ones included):
-imports only point down, parts of one layer (two tasks, say) do not import each other, and no private name is
-imported from another part."""
+imports only point down, parts of one layer (two tasks, say) do not import each other, no private name is
+imported from another part, and no modules import each other (directly or round a loop)."""
 
 import ast
 from pathlib import Path
@@ -92,3 +92,53 @@ def test_imports_point_down_and_stay_public():
 def test_every_module_has_a_layer():
     for module in modules():
         part_of(module)
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles of a module import graph: its strongly connected components of more than one module (Tarjan),
+    each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(module):
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (every import statement, lazy ones included)."""
+    known = modules()
+    return {module: {target for target, _, _ in imports(module, path, known) if target in known and target != module}
+            for module, path in known.items()}
+
+
+def test_import_cycles_are_found():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_between_modules():
+    cycles = import_cycles(import_graph())
+    assert not cycles, "modules that import each other (directly or round a loop):\n" + "\n".join(
+        " <-> ".join(cycle) for cycle in cycles)

@@ -152,12 +152,47 @@ def test_m2f_on_convnext_errors():
         build_segmentation_decoder(_unequal(), "LAST", "m2f", num_classes=5, **M2F_SMALL)
     with pytest.raises(ValueError, match="without a pseudo patch_size"):
         build_segmentation_decoder(_unequal(patch_size=16), "FOUR_LAST", "m2f", num_classes=5, **M2F_SMALL)
-    with pytest.raises(ValueError, match=r"ViT-Adapter options \['n_points'\] do not apply to a ConvNeXt"):
-        build_segmentation_decoder(_unequal(), "FOUR_LAST", "m2f", num_classes=5, hidden_dim=32,
-                                   m2f_options=Mask2FormerOptions(**SMALL, adapter=AdapterOptions(n_points=8)))
-    # The adapter section a config always carries, at its defaults, is accepted.
+    # The adapter section a config always carries, at its defaults, is accepted without a word.
     build_segmentation_decoder(_unequal(), "FOUR_LAST", "m2f", num_classes=5, hidden_dim=32,
                                m2f_options=Mask2FormerOptions(**SMALL, adapter=AdapterOptions(n_points=4, with_cp=True)))
+
+
+def test_adapter_options_on_convnext_are_ignored_with_one_warning(caplog):
+    """A config written for a ViT (demo_m2f.yaml sets adapter options) runs on a ConvNeXt: the adapter's shape options
+    have nothing to shape there, and the warning names each one; the head is the one the defaults give."""
+    import logging
+
+    options = Mask2FormerOptions(**SMALL, adapter=AdapterOptions(n_points=8, deform_num_heads=4, with_cp=False))
+    with caplog.at_level(logging.WARNING, logger="dinoseg"):
+        torch.manual_seed(0)
+        model = build_segmentation_decoder(_unequal(), "FOUR_LAST", "m2f", num_classes=5, hidden_dim=32,
+                                           m2f_options=options)
+        build_segmentation_decoder(_unequal(), "FOUR_LAST", "m2f", num_classes=5, hidden_dim=32, m2f_options=options)
+    warned = [r.getMessage() for r in caplog.records if "ViT-Adapter options ignored" in r.getMessage()]
+    assert warned == ["ViT-Adapter options ignored: a ConvNeXt feeds Mask2Former its own stages, without an adapter: "
+                      "decoder_head.m2f.adapter.n_points=8, decoder_head.m2f.adapter.deform_num_heads=4, "
+                      "decoder_head.m2f.adapter.with_cp=False"]  # once, however often the model is built
+    torch.manual_seed(0)
+    plain = build_segmentation_decoder(_unequal(), "FOUR_LAST", "m2f", num_classes=5, hidden_dim=32,
+                                       m2f_options=Mask2FormerOptions(**SMALL))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+
+
+def test_adapter_backbone_dtype_applies_to_a_convnext():
+    """`adapter.backbone_dtype` is the backbone's autocast dtype, with or without an adapter."""
+    options = Mask2FormerOptions(**SMALL, adapter=AdapterOptions(backbone_dtype="bfloat16"))
+    model = build_segmentation_decoder(_unequal(), "FOUR_LAST", "m2f", num_classes=5, hidden_dim=32, m2f_options=options)
+    pyramid = model.segmentation_model[0]
+    assert pyramid.backbone_dtype == torch.bfloat16
+    seen, run = [], pyramid.backbone.get_intermediate_layers
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return run(*args, **kwargs)
+
+    pyramid.backbone.get_intermediate_layers = recording
+    pyramid(torch.zeros(1, 3, 64, 64))
+    assert seen == [torch.bfloat16]
 
 
 def test_whole_image_size_on_convnext():

@@ -69,9 +69,14 @@ def test_four_even_intervals_linear_head_train_eval_predict(tmp_path):
 def test_m2f_head_on_convnext_learns(tmp_path):
     out = tmp_path / "run"
     # ~7 s on one core. Measured window-mean losses: 30.5, 28.0, 27.9, 26.5, 25.4, 24.3.
-    done = run_cli(["train", *_args(out, 30, [*M2F_TINY, "optimizer.lr=3e-3", "train.log_interval=5",
+    # The ViT-Adapter options a ViT config sets (as demo_m2f.yaml does) are ignored with one warning naming them.
+    adapter = ["decoder_head.m2f.adapter.deform_num_heads=4", "decoder_head.m2f.adapter.with_cp=false"]
+    done = run_cli(["train", *_args(out, 30, [*M2F_TINY, *adapter, "optimizer.lr=3e-3", "train.log_interval=5",
                                               "eval.max_val_samples=2"])])
     assert done.returncode == 0, done.stderr[-3000:]
+    warned = [line for line in done.stderr.splitlines() if "ViT-Adapter options ignored" in line]
+    assert len(warned) == 1 and warned[0].endswith(
+        "decoder_head.m2f.adapter.deform_num_heads=4, decoder_head.m2f.adapter.with_cp=False"), warned
     ckpt = read_checkpoint(out / LAST)
     _assert_head_only(ckpt)  # the pyramid has no weights of its own, the backbone is never written
     # The pixel decoder's input projections follow the stage widths (levels 4, 3, 2).
@@ -120,3 +125,13 @@ def test_ddp_syncs_the_head_only_on_convnext(tmp_path, head):
         assert {id(p) for p in backbone.parameters()}.isdisjoint(id(p) for p in ddp._module_parameters)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_head_option_a_convnext_cannot_take_is_one_line(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", *_args(out, 4, [*M2F_TINY, "decoder_head.backbone_out_layers=LAST"])]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "dinoseg: error:" in line or "Traceback" in line]
+    assert lines == ["dinoseg: error: decoder_head: Mask2Former on a ConvNeXt reads its four stages [0, 1, 2, 3] "
+                     "(backbone_out_layers FOUR_LAST or FOUR_EVEN_INTERVALS), got [3]"], err[-2000:]
+    assert not out.exists()

@@ -247,6 +247,150 @@ def test_make_dataset_string_dict_dataclass_and_errors(tmp_path):
         make_dataset({"root": root})
 
 
+def test_dataset_string_values_are_read_as_the_constructor_declares(tmp_path):
+    make_folder(tmp_path, stems=("a", "b"), size=(16, 16))
+    # Text is read as each option's annotated type: an int, a bool, None, a pair, a list of names, a str that looks
+    # like a number (a folder name).
+    folder = make_dataset(f"Folder:root={tmp_path}:num_classes=3:reduce_zero_label=false:ignore_index=none:"
+                          f"class_names=[sky,road,car]:mask_suffix=:image_dir=images")
+    assert folder.num_classes == 3 and folder.class_names == ["sky", "road", "car"] and len(folder) == 2
+    syn = make_dataset("Synthetic:split=val:num_samples=3:image_size=[40,48]:seed=7")
+    assert syn.image_size == (40, 48) and syn.seed == 7 and len(syn) == 3
+    assert make_dataset({"type": "Synthetic", "split": "val", "image_size": [40, 48], "num_samples": 2}).image_size == (40, 48)
+    with pytest.raises(DatasetError, match=r"SyntheticShapes option num_samples='3' must be an integer"):
+        make_dataset({"type": "Synthetic", "num_samples": "3"})  # a mapping's values are typed already: no reading
+
+
+# The bad options a user can write, with the error each gives (dataset string -> message after "dataset '<string>': ").
+BAD_OPTIONS = [
+    ("Synthetic:split=TRAIN:num_samples=abc", "SyntheticShapes option num_samples='abc' must be an integer"),
+    ("Synthetic:split=TRAIN:num_samples=2.5", "SyntheticShapes option num_samples='2.5' must be an integer"),
+    ("Synthetic:split=TRAIN:image_size=abc",
+     "SyntheticShapes option image_size='abc' must be an integer or 2 values (an integer, an integer)"),
+    ("Synthetic:split=TRAIN:image_size=[64,64,64]",
+     "SyntheticShapes option image_size='[64,64,64]' must be an integer or 2 values (an integer, an integer)"),
+    ("Synthetic:split=TRAIN:seed=x", "SyntheticShapes option seed='x' must be an integer"),
+    ("ADE20K:root=/data/ade:reduce_zero_label=maybe", "ADE20K option reduce_zero_label='maybe' must be true or false"),
+    ("Synthetic:split=TRAIN:num_classes=many", "SyntheticShapes option num_classes='many' must be an integer"),
+    ("Synthetic:split=TRAIN:colour=red", "unknown option 'colour' for dataset SyntheticShapes; expected one of "
+                                         "['split', 'num_samples', 'image_size', 'seed', 'num_classes', 'min_shapes', "
+                                         "'max_shapes', 'ignore_border', 'strict']"),
+    ("SyntheticDepth:split=TRAIN:max_depth=far", "SyntheticDepth option max_depth='far' must be a number"),
+    ("DepthFolder:root=/data/d:depth_scale=abc", "DepthFolder option depth_scale='abc' must be a number"),
+    ("DepthFolder:root=/data/d:invalid_value=abc", "DepthFolder option invalid_value='abc' must be a number"),
+    ("DepthFolder:root=/data/d:max_depth=abc", "DepthFolder option max_depth='abc' must be a number or None"),
+    ("Folder:root=/data/f:num_classes=3.5", "ImageMaskFolder option num_classes='3.5' must be an integer or None"),
+    ("Folder:root=/data/f:class_names=cat", "ImageMaskFolder option class_names='cat' must be a list of strings or None"),
+    ("Folder:root=/data/f:reduce_zero_label=2", "ImageMaskFolder option reduce_zero_label='2' must be true or false or None"),
+    ("Folder:root=/data/f:palette=[[0,0,x]]",
+     "ImageMaskFolder option palette='[[0,0,x]]' must be a list of a list of integers or None"),
+    ("ADE20K:split=TRAIN", "ADE20K needs a root (the dataset folder): add root=PATH to the dataset, or set datasets.root"),
+    ("Cityscapes:split=TRAIN", "Cityscapes needs a root (the dataset folder): add root=PATH to the dataset, or set "
+                               "datasets.root"),
+    ("VOC:split=TRAIN", "PascalVOC needs a root (the dataset folder): add root=PATH to the dataset, or set datasets.root"),
+    ("Folder:split=train", "ImageMaskFolder needs a root (the dataset folder): add root=PATH to the dataset, or set "
+                           "datasets.root"),
+    ("DepthFolder:split=TRAIN", "DepthFolder needs a root (the dataset folder): add root=PATH to the dataset, or set "
+                                "datasets.root"),
+    ("NYU:split=TRAIN", "NYU needs a root (the dataset folder): add root=PATH to the dataset, or set datasets.root"),
+    ("KITTI:root=/data/kitti", "KITTI needs split=..."),
+]
+
+
+@pytest.mark.parametrize("descriptor, message", BAD_OPTIONS)
+def test_every_dataset_option_is_checked_before_the_dataset_is_built(descriptor, message):
+    with pytest.raises(DatasetError) as error:
+        make_dataset(descriptor)
+    assert str(error.value) == f"dataset {descriptor!r}: {message}"
+
+
+@pytest.mark.parametrize("descriptor, message", BAD_OPTIONS)
+def test_a_bad_dataset_option_is_one_line_on_the_command_line(descriptor, message, capsys):
+    from dinoseg.cli import main
+
+    config = "demo_depth.yaml" if "Depth" in descriptor or descriptor.startswith(("NYU", "KITTI")) else "demo.yaml"
+    assert main(["check-data", config, f"datasets.train={descriptor}"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"dinoseg: error: dataset {descriptor!r}: {message}"]  # no traceback
+
+
+@pytest.mark.parametrize("descriptor, message", [
+    ("Synthetic:split=TRAIN:num_samples=0", "SyntheticShapes: num_samples=0 must be >= 1"),
+    ("Synthetic:split=TRAIN:seed=-1", "SyntheticShapes: seed=-1 must be >= 0"),
+    ("Synthetic:split=TRAIN:num_classes=1", "SyntheticShapes: num_classes=1 must be in 2..8"),
+    ("SyntheticDepth:split=TRAIN:min_depth=3:max_depth=2", "SyntheticDepth: need 0 < min_depth < max_depth, got 3.0, 2.0"),
+    ("ADE20K:split=TRAIN:root={root}:use_split_file=maybe",
+     "ADE20K: use_split_file must be True, False or 'auto', got 'maybe'"),
+    ("Cityscapes:split=TRAIN:root={root}:use_train_ids=maybe",
+     "Cityscapes: use_train_ids must be True, False or 'auto', got 'maybe'"),
+    ("DepthFolder:root={root}:depth_scale=-1", "DepthFolder: depth_scale must be a positive number (stored units per "
+                                               "metre), got -1.0"),
+    ("DepthFolder:root={root}:max_depth=0", "DepthFolder: max_depth must be a positive number of metres (or None), got 0.0"),
+])
+def test_out_of_range_dataset_options_are_one_line(descriptor, message, tmp_path, capsys):
+    from dinoseg.cli import main
+
+    config = "demo_depth.yaml" if "Depth" in descriptor else "demo.yaml"
+    assert main(["check-data", config, f"datasets.train={descriptor.format(root=tmp_path)}"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"dinoseg: error: {message}"]
+
+
+def test_a_newly_registered_dataset_gets_its_options_checked(monkeypatch):
+    """The checks come from the constructor's signature: a dataset added to DATASETS needs no code of its own."""
+    from dinoseg.data import DATASETS
+
+    class Boxes(SyntheticShapes):
+        def __init__(self, split: str = "train", transforms=None, *, min_area: float = 0.0, keep_crowd: bool = False):
+            super().__init__(split, num_samples=2, transforms=transforms)
+            self.min_area, self.keep_crowd = min_area, keep_crowd
+
+    monkeypatch.setitem(DATASETS, "boxes", Boxes)
+    boxes = make_dataset("Boxes:split=val:min_area=2.5:keep_crowd=yes")
+    assert (boxes.min_area, boxes.keep_crowd) == (2.5, True)
+    with pytest.raises(DatasetError, match=r"Boxes option min_area='big' must be a number"):
+        make_dataset("Boxes:min_area=big")
+
+
+def test_the_official_make_dataset_call_form(tmp_path):
+    """The official `make_dataset(*, dataset_str, transform=None, target_transform=None, transforms=None)` beside the
+    project's positional form; the official datasets carry the three transforms."""
+    import inspect
+
+    from .test_depth_datasets import make_nyu
+
+    make_nyu(tmp_path)
+    descriptor = f"NYU:split=VAL:root={tmp_path}"
+
+    def joint(image, depth):
+        return image.float() / 255, depth * 2
+
+    official = make_dataset(dataset_str=descriptor, transforms=joint)
+    ours = make_dataset(descriptor, transforms=joint)
+    assert len(official) == len(ours) == 3 and official.transforms is joint
+    assert official.transform is None and official.target_transform is None
+    for (a, b), (c, d) in zip(official, ours):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    # transform / target_transform: the image and the target, each alone (torchvision's StandardTransform).
+    separate = make_dataset(dataset_str=descriptor, transform=lambda image: image.float() / 255,
+                            target_transform=lambda depth: depth * 2)
+    image, depth = separate[1]
+    assert torch.equal(image, ours[1][0]) and torch.equal(depth, ours[1][1])
+    assert separate.transform is not None and separate.target_transform is not None
+    image_only = make_dataset(dataset_str=descriptor, transform=lambda image: image.float() / 255)
+    assert torch.equal(image_only[0][1], make_dataset(descriptor)[0][1])
+    with pytest.raises(DatasetError, match="give transforms .* or transform / target_transform, not both"):
+        make_dataset(dataset_str=descriptor, transforms=joint, transform=joint)
+    with pytest.raises(DatasetError, match="give one dataset description .* got both"):
+        make_dataset(descriptor, dataset_str=descriptor)
+    with pytest.raises(DatasetError, match="got none"):
+        make_dataset()
+    # The official keywords in the official order and with its defaults; dinoseg's extras keyword-only after them.
+    params = list(inspect.signature(make_dataset).parameters.values())
+    keywords = [(p.name, p.default) for p in params if p.kind is p.KEYWORD_ONLY]
+    assert keywords[:4] == [("dataset_str", None), ("transform", None), ("target_transform", None), ("transforms", None)]
+    assert params[0].kind is params[0].POSITIONAL_ONLY  # the project's description, never a keyword clash
+
+
 # --- synthetic ------------------------------------------------------------------------------------------------
 def test_synthetic_is_deterministic_and_well_formed():
     a = SyntheticShapes("train", num_samples=4, image_size=(48, 64), seed=3)

@@ -159,6 +159,16 @@ def test_dataset_fields(tmp_path):
     make_nyu(tmp_path)
     nyu = build_val_dataset(cfg("datasets.val=NYU:split=VAL", f"datasets.root={tmp_path}"))
     assert nyu.root == str(tmp_path) and len(nyu) == 3
+    # datasets.check_units: metres read as millimetres stop the training set, unless switched off.
+    import numpy as np
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((24, 32), 3, np.uint16)).save(tmp_path / "train_scene_0" / f"sync_depth_{i:05d}.png")
+    with pytest.raises(ValueError, match=r"sync_depth_00000.png: depth units look wrong: median valid depth 0.003 m"):
+        build_train_dataset(cfg("datasets.train=NYU:split=TRAIN", f"datasets.root={tmp_path}"))
+    assert len(build_train_dataset(cfg("datasets.train=NYU:split=TRAIN", f"datasets.root={tmp_path}",
+                                       "datasets.check_units=false"))) == 2
 
 
 def test_result_config_fields():

@@ -238,17 +238,35 @@ def test_check_depth_dataset_reports_each_fault_by_file(tmp_path):
     report = check_depth_dataset(make_dataset(f"NYU:split=VAL:root={tmp_path}", strict=False))
     problems = {Path(p.path).name: p.fault for p in report.problems}
     warnings = [(Path(p.path).name, p.fault) for p in report.warnings]
-    assert not report.ok and len(report.problems) == 2
+    assert not report.ok and len(report.problems) == 5 and report.num_usable == 2
     assert "unreadable or corrupt image" in problems["rgb_00000.jpg"]
     assert "image/depth size mismatch: depth is (20, 32)" in problems["sync_depth_00002.png"]
     assert ("sync_depth_00004.png", "no valid depth pixel: this sample scores NaN and is left out of the metrics") in warnings
-    units = dict(warnings)["sync_depth_00001.png"]
-    assert "depth units look wrong: median valid depth 0.003 m with depth_scale=1000" in units
-    assert "8-bit depth map" in dict(warnings)["sync_depth_00003.png"]
-    assert "median valid depth 40 m (this dataset's depths stop at 10 m)" in dict(warnings)["sync_depth_00006.png"]
+    # Depth units that look wrong are problems: they would train and score depths off by a factor.
+    assert "depth units look wrong: median valid depth 0.003 m with depth_scale=1000" in problems["sync_depth_00001.png"]
+    assert ("depth units look wrong: an 8-bit depth map with depth_scale=1000 stored units per metre holds no depth "
+            "beyond 0.255 m (median 0.2 m") in problems["sync_depth_00003.png"]
+    assert "median valid depth 40 m (this dataset's depths stop at 10 m)" in problems["sync_depth_00006.png"]
     assert ("sync_depth_00005.png", "95.8% of the pixels have no depth") in warnings
+    # As warnings when asked (datasets.check_units=false); the samples then count in the statistics.
+    lenient = check_depth_dataset(make_dataset(f"NYU:split=VAL:root={tmp_path}", strict=False), units_are_problems=False)
+    assert len(lenient.problems) == 2 and lenient.num_usable == 5
+    assert {"sync_depth_00001.png", "sync_depth_00003.png", "sync_depth_00006.png"} <= {
+        Path(p.path).name for p in lenient.warnings if "depth units look wrong" in p.fault}
     text = format_depth_report(report)
-    assert "2 problem(s):" in text and "per-image median" in text and "of the pixels have no depth" in text
+    assert "5 problem(s):" in text and "per-image median" in text and "of the pixels have no depth" in text
+
+
+def test_depth_units_fault_rules():
+    from dinoseg.data.depth_check import depth_units_fault
+
+    assert depth_units_fault(np.full(9, 2.5), 1000) is None
+    assert "median valid depth 0.002 m" in depth_units_fault(np.full(9, 0.002), 1000)  # metres read as millimetres
+    assert "median valid depth 2500 m" in depth_units_fault(np.full(9, 2500.0), 1)  # millimetres read as metres
+    assert "depths stop at 10 m" in depth_units_fault(np.full(9, 40.0), 1000, max_depth=10.0)
+    # An 8-bit map is only wrong when its scale leaves it no room for a scene: decimetres (10 per metre) hold 25.5 m.
+    assert "holds no depth beyond 0.255 m" in depth_units_fault(np.full(9, 0.1), 1000, bit_depth=8)
+    assert depth_units_fault(np.full(9, 10.0), 10, bit_depth=8) is None
 
 
 def test_check_data_command_dispatches_depth_datasets(tmp_path, capsys):

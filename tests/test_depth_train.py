@@ -279,6 +279,53 @@ def test_check_data_on_a_depth_config(tmp_path, capsys):
     assert "unreadable or corrupt depth map" in capsys.readouterr().out
 
 
+def _depth_folder(root, depth: np.ndarray, n: int = 4):
+    """A DepthFolder of `n` 32 x 32 images, each with the depth map `depth` (its dtype decides the PNG's bit depth)."""
+    (root / "images").mkdir(parents=True)
+    (root / "depths").mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(depth).save(root / "depths" / f"{i}.png")
+    return [f"datasets.train=DepthFolder:root={root}", f"datasets.val=DepthFolder:root={root}",
+            "transforms.train.random_crop=[32,32]"]
+
+
+def test_depth_units_that_look_wrong_stop_training_before_the_first_step(depth_run, tmp_path, capsys):
+    """8-bit maps read as millimetres (a visualisation saved as depth: 0.025-0.2 m) and metres read as millimetres:
+    check-data's unit checks run on a sample of the training maps, and the line names the file and the overrides."""
+    fix = ("add depth_scale=N (its stored units per metre) to datasets.train and set transforms.normalization_constant=N, "
+           "or set datasets.check_units=false to train on these depths as they are")
+    eight_bit = _depth_folder(tmp_path / "eight_bit", np.full((32, 32), 100, np.uint8))
+    metres = _depth_folder(tmp_path / "metres", np.full((32, 32), 3, np.uint16))
+    for data, fault in (
+        (eight_bit, f"{tmp_path / 'eight_bit' / 'depths' / '0.png'}: depth units look wrong: an 8-bit depth map with "
+                    "depth_scale=1000 stored units per metre holds no depth beyond 0.255 m (median 0.1 m; a "
+                    "visualisation saved as depth?)"),
+        (metres, f"{tmp_path / 'metres' / 'depths' / '0.png'}: depth units look wrong: median valid depth 0.003 m "
+                 "with depth_scale=1000 stored units per metre"),
+    ):
+        out = tmp_path / "fresh"
+        assert error_of(capsys, ["train", *tiny_depth(out, total_iter=4), *data]) == f"dinoseg: error: {fault}: {fix}"
+        assert not out.exists()
+    # An existing run stays byte-identical, overwrite or not.
+    run = tmp_path / "run"
+    shutil.copytree(depth_run, run)
+    before = snapshot(run)
+    assert "depth units look wrong" in error_of(capsys, ["train", *tiny_depth(run, total_iter=4), *eight_bit,
+                                                         "overwrite_output_dir=true"])
+    assert snapshot(run) == before
+    # check-data counts them as problems (exit 1), as warnings with datasets.check_units=false (exit 0) ...
+    assert main(["check-data", "demo_depth.yaml", eight_bit[0]]) == 1
+    assert "4 problem(s):" in capsys.readouterr().out
+    assert main(["check-data", "demo_depth.yaml", eight_bit[0], "datasets.check_units=false"]) == 0
+    assert "No problems found." in capsys.readouterr().out
+    # ... which also trains on them as they are.
+    out = tmp_path / "as_they_are"
+    assert main(["train", *tiny_depth(out, total_iter=4, checkpoint_interval=4), *eight_bit,
+                 "datasets.check_units=false"]) == 0
+    assert read_checkpoint(out / LAST)["iteration"] == 4
+
+
 def test_demo_beats_the_mean_depth(tmp_path, capsys):
     """A fast variant of `dinoseg demo demo_depth.yaml` (64 px, 200 iterations): the trained head is far better than
     predicting the training set's mean depth (measured: RMSE 1.05 vs 2.71 m, AbsRel 0.23 vs 0.96, a1 0.63 vs 0.10)."""
@@ -297,3 +344,19 @@ def test_demo_beats_the_mean_depth(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trained head:" in printed and "mean depth (" in printed
     assert (out / "training_curves.png").exists() and len(list((out / "predictions").glob("*_depth.png"))) == 4
+
+
+def test_the_readme_quotes_the_demo_numbers_its_config_states():
+    """What `dinoseg demo demo_depth.yaml` gives is measured once and written twice (README, the config's comment):
+    the two must agree, metric by metric, for the trained head and the mean-depth baseline."""
+    import re
+
+    from .engine_utils import REPO
+
+    pattern = r"RMSE (\d\.\d+) m, AbsRel (\d\.\d+), delta1 (\d\.\d+)"
+    comment = [line.lstrip("# ") for line in (REPO / "dinoseg" / "configs" / "demo_depth.yaml").read_text().splitlines()]
+    config = " ".join(" ".join(comment).split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    demo = readme[readme.index("`dinoseg demo demo_depth.yaml` trains"):]
+    quoted = re.findall(pattern, config)
+    assert len(quoted) == 2 and quoted == re.findall(pattern, demo)[:2]

@@ -26,6 +26,8 @@ from .datasets import (
 )
 from .io import DatasetError, load_image, load_mask
 from .loaders import InfiniteDataloader, UnpaddedDistributedSampler, make_data_loader, worker_init_fn
+from .options import dataset_options
+from .transforms import PairTransforms
 
 # Type names accepted in configs (case-insensitive); the official code spells ADE20K as here.
 DATASETS: dict[str, type] = {
@@ -69,14 +71,13 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def parse_dataset_str(text: str) -> dict[str, Any]:
-    """``"ADE20K:split=TRAIN:root=/data/ade"`` -> ``{"type": "ADE20K", "split": "TRAIN", "root": "/data/ade"}``.
-    Other ``key=value`` tokens become constructor options (numbers and booleans parsed); a token without
-    ``=`` continues the previous value, so a root may contain ``:``."""
+def _split_dataset_str(text: str) -> dict[str, str]:
+    """``"ADE20K:split=TRAIN:root=/data/ade"`` -> ``{"type": "ADE20K", "split": "TRAIN", "root": "/data/ade"}``, every
+    value as written."""
     name, *tokens = str(text).split(":")
     if not name.strip():
         raise DatasetError(f"dataset string {text!r} does not start with a dataset type")
-    spec: dict[str, Any] = {"type": name.strip()}
+    spec: dict[str, str] = {"type": name.strip()}
     last = None
     for token in tokens:
         if "=" in token:
@@ -90,12 +91,18 @@ def parse_dataset_str(text: str) -> dict[str, Any]:
             spec[last] += ":" + token
         else:
             raise DatasetError(f"dataset string {text!r}: token {token!r} is not key=value")
+    return spec
+
+
+def parse_dataset_str(text: str) -> dict[str, Any]:
+    """``"ADE20K:split=TRAIN:root=/data/ade"`` -> ``{"type": "ADE20K", "split": "TRAIN", "root": "/data/ade"}``.
+    Other ``key=value`` tokens become constructor options (numbers and booleans parsed); a token without
+    ``=`` continues the previous value, so a root may contain ``:``."""
+    spec = _split_dataset_str(text)
     return {k: (v if k in ("type", "root", "split") else _parse_value(v)) for k, v in spec.items()}
 
 
 def _spec_to_dict(config) -> dict[str, Any]:
-    if isinstance(config, str):
-        return parse_dataset_str(config)
     try:
         from omegaconf import DictConfig, OmegaConf
 
@@ -115,30 +122,60 @@ def _spec_to_dict(config) -> dict[str, Any]:
     return spec
 
 
-def make_dataset(config_or_string, transforms: Callable | None = None, *, default_root: str | None = None,
-                 **overrides) -> SegmentationDataset | DepthDataset:
-    """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"`` or a dict / DictConfig (``type``, ``root``,
-    ``split`` and constructor options, flat or under ``options``). ``overrides`` (e.g.
-    ``root=...``, ``strict=False``) win over the config; ``default_root`` (a config's shared ``datasets.root``)
-    applies when the dataset takes a root and none is given. Official split names TRAIN / VAL are accepted."""
-    spec = _spec_to_dict(config_or_string)
-    spec.update(overrides)
-    type_name = str(spec.pop("type"))
-    cls = DATASETS.get(type_name.strip().lower().replace("_", "").replace("-", ""))
+def _dataset_class(type_name: str) -> type:
+    """The dataset class of a type name as configs write it (case, ``_`` and ``-`` ignored)."""
+    cls = DATASETS.get(str(type_name).strip().lower().replace("_", "").replace("-", ""))
     if cls is None:
-        raise DatasetError(f"unknown dataset type {type_name!r}; expected one of {sorted(set(DATASETS))}")
-    if default_root and spec.get("root") is None and "root" in inspect.signature(cls.__init__).parameters:
+        raise DatasetError(f"unknown dataset type {str(type_name)!r}; expected one of {sorted(set(DATASETS))}")
+    return cls
+
+
+def make_dataset(
+    config_or_string: str | Mapping | None = None,
+    /,
+    *,
+    dataset_str: str | None = None,
+    transform: Callable | None = None,
+    target_transform: Callable | None = None,
+    transforms: Callable | None = None,
+    default_root: str | None = None,
+    **overrides,
+) -> SegmentationDataset | DepthDataset:
+    """Build a dataset from ``"ADE20K:split=TRAIN:root=/data/ade"`` or a dict / DictConfig (``type``, ``root``,
+    ``split`` and constructor options, flat or under ``options``), given first or as ``dataset_str=`` (the official
+    call form, ``make_dataset(dataset_str=..., transforms=...)``). ``transforms`` take and return (image, target);
+    ``transform`` / ``target_transform`` (the official alternative) apply to the image and the target alone.
+    ``overrides`` (e.g. ``root=...``, ``strict=False``) win over the description; ``default_root`` (a config's shared
+    ``datasets.root``) applies when the dataset takes a root and none is given. Official split names TRAIN / VAL are
+    accepted. Every option is checked against the dataset's constructor before it runs (`DatasetError`)."""
+    if (config_or_string is None) == (dataset_str is None):
+        raise DatasetError("make_dataset: give one dataset description (first argument or dataset_str=), "
+                           f"got {'both' if dataset_str is not None else 'none'}")
+    if transforms is not None and (transform is not None or target_transform is not None):
+        raise DatasetError("make_dataset: give transforms (image and target together) or transform / target_transform, "
+                           "not both")
+    description = config_or_string if dataset_str is None else dataset_str
+    # A dataset string's values are text, read as the types the dataset's constructor declares.
+    spec = _split_dataset_str(description) if isinstance(description, str) else _spec_to_dict(description)
+    text_keys = set(spec) - set(overrides) if isinstance(description, str) else set()
+    shown = repr(description) if isinstance(description, str) else repr(spec)
+    spec.update(overrides)
+    cls = _dataset_class(spec.pop("type"))
+    params = inspect.signature(cls.__init__).parameters
+    if default_root and spec.get("root") is None and "root" in params:
         spec["root"] = default_root
     split = spec.get("split")
     if isinstance(split, str):
         spec["split"] = _OFFICIAL_SPLITS.get(split.strip(), split.strip())
     spec = {k: v for k, v in spec.items() if not (k in ("root", "split") and v is None)}
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "transforms")]
-    for key in spec:
-        if key not in allowed:
-            raise DatasetError(f"unknown option {key!r} for dataset {cls.__name__}; expected one of {allowed}")
-    return cls(transforms=transforms, **spec)
+    options = dataset_options(cls, spec, text_keys, description=shown)
+    if transform is not None or target_transform is not None:
+        transforms = PairTransforms(transform, target_transform)
+    dataset = cls(transforms=transforms, **options)
+    for name, value in (("transform", transform), ("target_transform", target_transform)):
+        if not hasattr(dataset, name):  # as the official make_dataset: the official datasets carry all three
+            setattr(dataset, name, value)
+    return dataset
 
 
 __all__ = [

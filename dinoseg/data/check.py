@@ -17,16 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .check_common import Problem, indexing_problems, read_pair, sample_indices
 from .datasets.coco import DetectionDataset
-from .datasets.common import size_mismatch
 from .datasets.depth_base import DepthDataset
 from .io import DatasetError, exif_orientation
-
-
-@dataclass
-class Problem:
-    path: str  # the file at fault (or the sample name for generated data)
-    fault: str
 
 
 @dataclass
@@ -110,49 +104,6 @@ def check_dataset(dataset, max_samples: int | None = None, progress: bool = Fals
         report.ignore_pixels += label.numel() - valid.numel()
         report.num_usable += 1
     return report
-
-
-def indexing_problems(dataset) -> list[Problem]:
-    """The faults `dataset` (built with strict=False) found while indexing its files, or its empty split."""
-    problems = [Problem(p, f) for p, f in getattr(dataset, "problems", [])]
-    if len(dataset) == 0 and not problems:
-        problems.append(Problem(str(getattr(dataset, "root", None)), "empty split: the dataset has no samples"))
-    return problems
-
-
-def sample_indices(count: int, progress: bool):
-    """0 .. count - 1, behind a progress bar when asked."""
-    if not progress:
-        return range(count)
-    from tqdm import tqdm
-
-    return tqdm(range(count), desc="check-data", unit="img")
-
-
-def read_pair(dataset, index: int, load_target, target_path: str | None, kind: str, file_kind: str,
-              problems: list[Problem]):
-    """(image, target) of sample `index` before transforms, each None when it cannot be read: an unreadable file
-    and an image and target (`kind`: "mask", "depth"; its file: `file_kind`) of different sizes go to `problems`."""
-    name = dataset.image_path(index) or dataset.sample_name(index)
-    image = target = None
-    try:
-        image = dataset.load_image(index)
-    except Exception as e:
-        problems.append(_as_problem(e, name, "unreadable or corrupt image"))
-    try:
-        target = load_target(index)
-    except Exception as e:
-        problems.append(_as_problem(e, target_path or name, f"unreadable or corrupt {file_kind}"))
-    if image is not None and target is not None and image.shape[-2:] != target.shape[-2:]:
-        reason = size_mismatch(kind, name, tuple(image.shape[-2:]), tuple(target.shape[-2:]))
-        problems.append(Problem(target_path or name, reason))
-    return image, target
-
-
-def _as_problem(error: Exception, path: str, what: str) -> Problem:
-    if isinstance(error, DatasetError) and error.reason:
-        return Problem(error.path or path, error.reason)
-    return Problem(path, f"{what}: {type(error).__name__}: {error}")
 
 
 def format_report(report: CheckReport, max_problems: int = 50) -> str:

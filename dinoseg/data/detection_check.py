@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .check import Problem, indexing_problems, sample_indices
+from .check_common import Problem, indexing_problems, sample_indices
 from .datasets.common import size_mismatch
 from .io import DatasetError, exif_orientation
 

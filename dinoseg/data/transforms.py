@@ -21,3 +21,22 @@ def rand_uniform(low: float, high: float) -> float:
 
 def rand_bool(p: float) -> bool:
     return p > 0 and torch.rand(()).item() < p
+
+
+class PairTransforms:
+    """`transform` on the image and `target_transform` on the target of an (image, target) pair, either None to
+    leave it as it is: the official datasets' separate transforms (torchvision's ``StandardTransform``) as one
+    transform of the pair."""
+
+    def __init__(self, transform=None, target_transform=None):
+        self.transform, self.target_transform = transform, target_transform
+
+    def __call__(self, image, target):
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(transform={self.transform!r}, target_transform={self.target_transform!r})"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from ..io import IMAGE_EXTENSIONS, read_list_file
+from ..io import IMAGE_EXTENSIONS, DatasetError, read_list_file
 from .base import Sample, SegmentationDataset, check_root, hex_palette, normalize_split
 
 ADE20K_CLASS_NAMES = [
@@ -99,7 +99,7 @@ class ADE20K(SegmentationDataset):
                     if name.lower().endswith(IMAGE_EXTENSIONS):
                         self._add(os.path.join(image_dir, name), subdir)
         else:
-            raise ValueError(f"ADE20K: use_split_file must be True, False or 'auto', got {use_split_file!r}")
+            raise DatasetError(f"ADE20K: use_split_file must be True, False or 'auto', got {use_split_file!r}")
         self._finish_indexing(image_dir)
 
     def _resolve_listed(self, entry: str, subdir: str) -> str:

@@ -58,7 +58,7 @@ class Cityscapes(SegmentationDataset):
         root = check_root(root, "Cityscapes")
         split = normalize_split(split, _SPLITS, "Cityscapes")
         if use_train_ids not in (True, False, "auto"):
-            raise ValueError(f"Cityscapes: use_train_ids must be True, False or 'auto', got {use_train_ids!r}")
+            raise DatasetError(f"Cityscapes: use_train_ids must be True, False or 'auto', got {use_train_ids!r}")
         super().__init__(root, split, transforms, strict)
         self.class_names, self.palette = list(CITYSCAPES_CLASS_NAMES), list(CITYSCAPES_PALETTE)
         self._is_train_id: list[bool] = []

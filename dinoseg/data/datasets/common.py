@@ -125,10 +125,12 @@ class GeneratedSamples:
     def _set_samples(self, num_samples: int, image_size: int | tuple[int, int], seed: int, min_side: int) -> None:
         name = type(self).__name__
         if int(num_samples) < 1:
-            raise ValueError(f"{name}: num_samples={num_samples} must be >= 1")
+            raise DatasetError(f"{name}: num_samples={num_samples} must be >= 1")
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
         if len(size) != 2 or min(size) < min_side:
-            raise ValueError(f"{name}: image_size={image_size} must be an int or (height, width) >= {min_side}")
+            raise DatasetError(f"{name}: image_size={image_size} must be an int or (height, width) >= {min_side}")
+        if int(seed) < 0:
+            raise DatasetError(f"{name}: seed={seed} must be >= 0")
         self.num_samples = int(num_samples)
         self.image_size = size
         self.seed = int(seed)

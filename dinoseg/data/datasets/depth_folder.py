@@ -41,6 +41,8 @@ class DepthFolder(DepthDataset):
         super().__init__(root, split, transforms, strict)
         if not (math.isfinite(depth_scale) and depth_scale > 0):
             raise DatasetError(f"DepthFolder: depth_scale must be a positive number (stored units per metre), got {depth_scale}")
+        if max_depth is not None and not max_depth > 0:
+            raise DatasetError(f"DepthFolder: max_depth must be a positive number of metres (or None), got {max_depth}")
         self.depth_scale = float(depth_scale)
         self.invalid_value = float(invalid_value)
         self.max_depth = None if max_depth is None else float(max_depth)

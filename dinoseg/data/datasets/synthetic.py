@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..io import DatasetError
 from .base import IGNORE_INDEX, SegmentationDataset
 from .common import GeneratedSamples
 
@@ -106,9 +107,9 @@ class SyntheticShapes(GeneratedSamples, SegmentationDataset):
     ):
         super().__init__(None, str(split).lower(), transforms, strict=strict)
         if not 2 <= num_classes <= SYNTHETIC_MAX_CLASSES:
-            raise ValueError(f"SyntheticShapes: num_classes={num_classes} must be in 2..{SYNTHETIC_MAX_CLASSES}")
+            raise DatasetError(f"SyntheticShapes: num_classes={num_classes} must be in 2..{SYNTHETIC_MAX_CLASSES}")
         if not 1 <= min_shapes <= max_shapes:
-            raise ValueError(f"SyntheticShapes: need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
+            raise DatasetError(f"SyntheticShapes: need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
         self._set_samples(num_samples, image_size, seed, min_side=8)
         self.num_classes = int(num_classes)
         self.class_names = [c[0] for c in _CLASSES[:num_classes]]

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..io import DatasetError
 from .common import GeneratedSamples
 from .depth_base import DepthDataset
 
@@ -72,7 +73,7 @@ class SyntheticDepth(GeneratedSamples, DepthDataset):
         super().__init__(None, str(split).lower(), transforms, strict=strict)
         self._set_samples(num_samples, image_size, seed, min_side=16)
         if not 0 < min_depth < max_depth:
-            raise ValueError(f"SyntheticDepth: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
+            raise DatasetError(f"SyntheticDepth: need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
         self.min_depth, self.max_depth = float(min_depth), float(max_depth)
         self.max_objects = int(max_objects)
 

@@ -89,6 +89,10 @@ class DatasetsConfig:
     val: str = "SyntheticDepth:split=VAL"  # validated every eval.eval_interval (no TTA), chooses checkpoint_best.pth
     test: str | None = None  # what `dinoseg eval` and the end of training evaluate (with eval.use_tta); None: val
     root: str | None = None  # appended as ":root=..." when a descriptor has none
+    # Training stops before its first step when sampled maps of datasets.train have depth units that look wrong (a
+    # median depth below 5 cm or beyond 500 m or the dataset's range, 8-bit maps that cannot hold 1 m); check-data
+    # counts them as problems. false: train on them as they are (check-data lists them as warnings).
+    check_units: bool = True
 
 
 @dataclass

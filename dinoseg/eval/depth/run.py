@@ -176,11 +176,12 @@ def run_demo(cfg: DictConfig) -> dict:
 
 def run_check_data(cfg: DictConfig, split: str) -> int:
     """Walk one split once; print every problem by file and the depth statistics. Exit status 1 on problems
-    (a depth unit other than `transforms.normalization_constant` is one)."""
+    (a depth unit other than `transforms.normalization_constant` is one, and so are depth maps whose units look wrong,
+    unless `datasets.check_units` is false)."""
     dataset = make_dataset(cfg.datasets[split], default_root=cfg.datasets.root, strict=False)
     if not isinstance(dataset, DepthDataset):
         raise ConfigError(f"datasets.{split}={cfg.datasets[split]!r}: {type(dataset).__name__} is not a depth dataset")
-    report = check_depth_dataset(dataset, progress=True)
+    report = check_depth_dataset(dataset, progress=True, units_are_problems=cfg.datasets.check_units)
     print(format_depth_report(report))
     constant = cfg.transforms.normalization_constant
     if not math.isclose(dataset.depth_scale, constant, rel_tol=1e-6):

@@ -1,11 +1,13 @@
 """From a depth config to the objects a run uses; below this file, functions take values, not the config."""
 
+import inspect
 import math
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ...data import DepthDataset, make_dataset
+from ...data import DatasetError, DepthDataset, make_dataset
+from ...data.depth_check import sampled_units_fault
 from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.backbones import build_backbone as _build_backbone
@@ -75,7 +77,18 @@ def _depth_dataset(cfg: DictConfig, key: str, transforms) -> DepthDataset:
 
 
 def build_train_dataset(cfg: DictConfig) -> DepthDataset:
-    return _depth_dataset(cfg, "train", make_depth_train_transforms_from_config(cfg))
+    """`datasets.train`; with `datasets.check_units`, a sample of its depth maps must have plausible units (check-data's
+    unit checks), so that a run never trains on depths off by a factor without a word."""
+    dataset = _depth_dataset(cfg, "train", make_depth_train_transforms_from_config(cfg))
+    if cfg.datasets.check_units:
+        fault = sampled_units_fault(dataset)
+        if fault is not None:
+            fix = ("add depth_scale=N (its stored units per metre) to datasets.train and set "
+                   "transforms.normalization_constant=N" if "depth_scale" in inspect.signature(type(dataset)).parameters
+                   else f"{type(dataset).__name__} reads {dataset.depth_scale:g} units per metre: check the files")
+            raise DatasetError(f"{fault.path}: {fault.fault}: {fix}, or set datasets.check_units=false to train on "
+                               "these depths as they are")
+    return dataset
 
 
 def build_val_dataset(cfg: DictConfig) -> DepthDataset:

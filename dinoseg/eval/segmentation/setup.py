@@ -4,7 +4,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ...data import make_dataset
-from ...engine.config import Precision
+from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.backbones import build_backbone as _build_backbone
 from ...models.frozen import freeze_backbone
@@ -30,14 +30,21 @@ def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
 def build_model(cfg: DictConfig, num_classes: int, backbone=None) -> FeatureDecoder:
     """The configured segmentor with a freshly initialised head."""
     backbone = backbone if backbone is not None else build_backbone(cfg)
-    return build_segmentation_decoder(backbone, **_decoder_args(cfg, num_classes))
+    try:
+        return build_segmentation_decoder(backbone, **_decoder_args(cfg, num_classes))
+    except ValueError as e:  # a head option the backbone cannot take (Mask2Former on one ConvNeXt stage...)
+        raise ConfigError(f"decoder_head: {e}") from None
 
 
 def build_model_with_head(cfg: DictConfig, num_classes: int, head: str) -> FeatureDecoder:
     """The configured segmentor for inference, its head loaded strictly from the checkpoint `head`; with
     `model.weights_dtype` half, the head is stored in half precision too."""
     dtype = Precision(cfg.model.weights_dtype).dtype
-    return build_segmentor_with_head(build_backbone(cfg), head, source=head, dtype=dtype, **_decoder_args(cfg, num_classes))
+    backbone = build_backbone(cfg)
+    try:
+        return build_segmentor_with_head(backbone, head, source=head, dtype=dtype, **_decoder_args(cfg, num_classes))
+    except ValueError as e:
+        raise ConfigError(f"decoder_head: {e}") from None
 
 
 def build_train_dataset(cfg: DictConfig):

@@ -5,8 +5,9 @@ The option dataclasses are also the ``decoder_head.m2f`` config section: the con
 Defaults are the official head's; changing a shape breaks the released checkpoints.
 """
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from torch import nn
 from .backbone.convnext_pyramid import ConvNeXtPyramid
 from .backbone.dinov3_adapter import DINOv3_Adapter
 from .heads.mask2former_head import Mask2FormerHead
+
+logger = logging.getLogger("dinoseg")
+_warned: set[str] = set()
 
 
 @dataclass
@@ -64,15 +68,23 @@ def build_m2f_modules(
 
     A backbone with per-stage widths (``embed_dims``: a ConvNeXt) already has a stride 4..32 pyramid: its stages
     go to the head through :class:`ConvNeXtPyramid` instead of an adapter, the head's input projections sized by
-    the stage widths; adapter options other than their defaults are then an error.
+    the stage widths. The adapter's shape options then have nothing to shape: values other than their defaults are
+    ignored with one warning naming them (a config written for a ViT runs on a ConvNeXt unchanged);
+    ``adapter.backbone_dtype`` still sets the backbone's autocast dtype.
     """
     o = options or Mask2FormerOptions()
     a = o.adapter
     if hasattr(backbone_model, "embed_dims"):
-        if a != AdapterOptions():
-            changed = sorted(k for k, v in vars(a).items() if v != getattr(AdapterOptions(), k))
-            raise ValueError(f"ViT-Adapter options {changed} do not apply to a ConvNeXt backbone (it uses no adapter)")
-        backbone_side = ConvNeXtPyramid(backbone_model, interaction_indexes=list(interaction_indexes))
+        default = AdapterOptions()
+        ignored = [f"decoder_head.m2f.adapter.{f.name}={getattr(a, f.name)!r}" for f in fields(a)
+                   if f.name != "backbone_dtype" and getattr(a, f.name) != getattr(default, f.name)]
+        message = ("ViT-Adapter options ignored: a ConvNeXt feeds Mask2Former its own stages, without an adapter: "
+                   + ", ".join(ignored))
+        if ignored and message not in _warned:
+            _warned.add(message)
+            logger.warning(message)
+        backbone_side = ConvNeXtPyramid(backbone_model, interaction_indexes=list(interaction_indexes),
+                                        backbone_dtype=_dtype(a.backbone_dtype))
         in_channels = backbone_side.embed_dims
     else:
         backbone_side = DINOv3_Adapter(

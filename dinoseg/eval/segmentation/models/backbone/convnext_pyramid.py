@@ -6,6 +6,8 @@ backbone and names its stages the way the adapter names its outputs (`{"1".."4"}
 Mask2Former training loss work unchanged. It has no parameters of its own: everything trainable is in the head.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,8 @@ class ConvNeXtPyramid(nn.Module):
         backbone: a backbone with four stages at strides 4..32 and per-stage widths `embed_dims` (a DINOv3
             `ConvNeXt`, without pseudo patch size); frozen here.
         interaction_indexes: the stages to read; Mask2Former needs all four, `[0, 1, 2, 3]`.
+        backbone_dtype: autocast dtype of the backbone alone, as the ViT-Adapter's (float32: no autocast); None: the
+            caller's autocast.
 
     Inputs of any size are zero-padded at the bottom/right to a multiple of 32 (Mask2Former's size divisibility)
     and each level cropped back to `ceil(side / stride)`, the sizes the ViT-Adapter gives. Level i has
@@ -33,7 +37,7 @@ class ConvNeXtPyramid(nn.Module):
     size_divisor = STRIDES[-1]
     patch_size = None  # no patch grid: inputs are padded to the coarsest stride
 
-    def __init__(self, backbone: nn.Module, interaction_indexes=STAGES):
+    def __init__(self, backbone: nn.Module, interaction_indexes=STAGES, *, backbone_dtype: torch.dtype | None = None):
         super().__init__()
         if list(interaction_indexes) != list(STAGES):
             raise ValueError(
@@ -47,6 +51,7 @@ class ConvNeXtPyramid(nn.Module):
             )
         self.backbone = freeze_backbone(backbone)
         self.embed_dims = list(backbone.embed_dims)
+        self.backbone_dtype = backbone_dtype
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -58,7 +63,11 @@ class ConvNeXtPyramid(nn.Module):
         pad_h, pad_w = -H % self.size_divisor, -W % self.size_divisor
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        with torch.no_grad():  # frozen backbone: no autograd graph
+        autocast = contextlib.nullcontext()
+        if self.backbone_dtype is not None:  # float32: autocast off for the backbone
+            low = self.backbone_dtype != torch.float32
+            autocast = torch.autocast(x.device.type, dtype=self.backbone_dtype if low else torch.bfloat16, enabled=low)
+        with torch.no_grad(), autocast:  # frozen backbone: no autograd graph
             maps = self.backbone.get_intermediate_layers(x, n=list(STAGES), reshape=True, norm=True)
         return {
             str(level + 1): fmap[..., : -(-H // stride), : -(-W // stride)]
