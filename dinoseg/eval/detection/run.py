@@ -29,6 +29,7 @@ from .setup import (
     build_postprocess,
     build_val_dataset,
     check_classes,
+    check_image_sizes,
     head_num_classes,
 )
 from .train import train_detection
@@ -83,6 +84,7 @@ def run_eval(cfg: DictConfig):
     check_classes(dataset, num_classes, "val", f"the head {source}")
     evaluator = CocoEvaluator(dataset) if distributed.is_main_process() else None
     model = build_detector_with_head(cfg, weights, source).to(device).eval()
+    check_image_sizes(model, {"transforms.eval.size": (cfg.transforms.eval.size, cfg.decoder_head.num_queries_one2one)})
     loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
                                max_samples=cfg.eval.max_val_samples, collate_fn=collate_fn)
     out = eval_dir(cfg)

@@ -1,5 +1,7 @@
 """From a detection config to the objects a run uses; below this file, functions take values, not the config."""
 
+import math
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,3 +131,32 @@ def check_classes(dataset: DetectionDataset, num_classes: int, split: str, head:
 
 def build_postprocess(cfg: DictConfig) -> PostProcess:
     return PostProcess(cfg.decoder_head.topk, cfg.decoder_head.reparam)
+
+
+@torch.no_grad()
+def num_proposals(model: PlainDETR, side: int) -> int:
+    """How many proposals the two-stage `model` makes for a `side` x `side` image (the fewest of any image whose
+    short side is `side`); ValueError when such an image is too small for its coarsest proposal stride."""
+    t = model.transformer
+    cells = math.ceil(side / model.backbone.strides[0])
+    weight = next(p for p in t.parameters())
+    memory = torch.zeros(1, cells * cells, t.d_model, device=weight.device, dtype=weight.dtype)
+    mask = torch.zeros(1, cells * cells, dtype=torch.bool, device=weight.device)
+    return int(t.gen_encoder_output_proposals(memory, mask, [(cells, cells)])[1].shape[1])
+
+
+def check_image_sizes(model: PlainDETR, sizes: dict[str, tuple[int, int]]) -> None:
+    """Every image a two-stage detector sees must give it a proposal per query: `sizes` maps a config key to
+    (the short side it sets, the queries that run then). A one-line error naming the key otherwise (officially a
+    topk error deep in the forward)."""
+    if not model.two_stage:
+        return
+    for key, (side, queries) in sizes.items():
+        try:
+            found = num_proposals(model, side)
+        except ValueError as e:
+            raise ConfigError(f"{key}={side}: {e}") from None
+        if found < queries:
+            raise ConfigError(f"{key}={side}: a {side}-px image gives {found} proposals, fewer than the {queries} queries "
+                              "(decoder_head.num_queries_one2one + num_queries_one2many in training): use larger images "
+                              "or fewer queries")

@@ -41,6 +41,7 @@ from .setup import (
     build_train_dataset,
     build_val_dataset,
     check_classes,
+    check_image_sizes,
 )
 from .util.misc import collate_fn
 
@@ -91,6 +92,10 @@ def train_detection(cfg: DictConfig) -> dict:
 
         # 3. Model, loss, optimiser over the head only (Plain-DETR's groups), schedule, gradient scaler; resumed states.
         model = build_detector(cfg, num_classes).to(device)
+        queries = cfg.decoder_head.num_queries_one2one
+        check_image_sizes(model, {"transforms.train.scales": (min(cfg.transforms.train.scales),
+                                                              queries + cfg.decoder_head.num_queries_one2many),
+                                  "transforms.eval.size": (cfg.transforms.eval.size, queries)})
         criterion = build_criterion(cfg, num_classes).to(device)
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(cfg.scheduler.type, optimizer, cfg.optimizer.lr, cfg.scheduler.total_iter,
