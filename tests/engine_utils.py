@@ -110,25 +110,24 @@ def assert_same_head(a: dict, b: dict, total: int) -> None:
 
 
 def kill_and_resume(make_args, tmp_path, total: int, checkpoint_name: str = "checkpoint_last.pth"):
-    """Run `make_args(out)` uninterrupted; run it again, SIGKILL it after its first checkpoint, resume it.
+    """Run `make_args(out)` uninterrupted; run it again, SIGKILL it one step after its first checkpoint (paused there:
+    no race with its speed), resume it.
 
     Returns (uninterrupted checkpoint, resumed checkpoint) for the caller to compare.
     """
     import signal
-    import time
 
     reference = run_cli(make_args(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *make_args(out)], env=cli_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while not (out / checkpoint_name).exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert (out / checkpoint_name).exists(), "no checkpoint was written"
+    out, paused = tmp_path / "killed", tmp_path / "paused"
+    args = make_args(out)
+    interval = int(next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("train.checkpoint_interval=")))
+    assert interval < total, "no checkpoint before the end to resume from"
+    proc = start_paused(args, paused, step=interval + 1)
+    wait_paused(proc, paused)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert read_checkpoint(out / checkpoint_name)["iteration"] < total, "the run finished before it could be killed"
+    assert read_checkpoint(out / "checkpoint_last.pth")["iteration"] == interval
     resumed = run_cli(make_args(out) + ["train.resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return read_checkpoint(tmp_path / "ref" / checkpoint_name), read_checkpoint(out / checkpoint_name)
