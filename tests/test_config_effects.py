@@ -54,6 +54,11 @@ def test_backbone_weights_are_given_or_cached_and_random_only_when_asked(tmp_pat
     message = str(missing.value)
     assert f"({cached} not found)" in message and "model.pretrained_weights=" in message
     assert "model.random_init=true" in message and "dl.fbaipublicfiles.com" in message
+    with pytest.raises(CheckpointError, match=rf"^model.pretrained_weights=LVD1689M: the released LVD1689M weights of "
+                                              rf"dinov3_vits16 are not in the torch hub cache \({cached} not found\)"):
+        build_backbone(load_config([], [*SMALL_HUB, "model.pretrained_weights=LVD1689M"]))
+    with pytest.raises(CheckpointError, match=r"^model.pretrained_weights=SAT493M: dinov3_vits16: no official SAT493M"):
+        build_backbone(load_config([], [*SMALL_HUB, "model.pretrained_weights=SAT493M"]))
     with pytest.raises(CheckpointError, match=r"model.dino_hub=null .* pass model.pretrained_weights=<checkpoint>, "
                                               r"or model.random_init=true"):
         build_backbone(cfg("model.random_init=false"))

@@ -225,18 +225,25 @@ def build_backbone(
     kwargs = dict(backbone_kwargs or {})
     if random_init and pretrained_weights:
         raise ValueError(f"random_init=True and pretrained_weights={pretrained_weights!r}: choose one")
-    if not random_init and not pretrained_weights:
-        if dino_hub is None:
-            raise CheckpointError("model.dino_hub=null (a custom architecture from model.backbone_kwargs) has no released "
-                                  "weights: pass model.pretrained_weights=<checkpoint>, or model.random_init=true for "
-                                  "random weights (demos, tests)")
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / official_weights_filename(dino_hub, Weights.LVD1689M)
+    if not random_init and not pretrained_weights and dino_hub is None:
+        raise CheckpointError("model.dino_hub=null (a custom architecture from model.backbone_kwargs) has no released "
+                              "weights: pass model.pretrained_weights=<checkpoint>, or model.random_init=true for "
+                              "random weights (demos, tests)")
+    released = str(pretrained_weights or Weights.LVD1689M.value).upper()  # a weight-set name: the hub cache's file
+    if not random_init and dino_hub is not None and released in Weights.__members__:
+        try:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / official_weights_filename(dino_hub, Weights[released])
+        except ValueError as e:
+            raise CheckpointError(f"model.pretrained_weights={pretrained_weights}: {e}") from None
         if not cached.exists():
+            given = (f"model.pretrained_weights={pretrained_weights}: the released {released} weights of {dino_hub} are"
+                     if pretrained_weights else f"model.dino_hub={dino_hub}: no weights given (model.pretrained_weights), "
+                     f"and its released {released} weights are")
             raise CheckpointError(
-                f"model.dino_hub={dino_hub}: no weights given (model.pretrained_weights) and none in the torch hub "
-                f"cache ({cached} not found); dinoseg never downloads implicitly: pass model.pretrained_weights="
-                f"<file, directory or https URL> (the released file: {official_weights_url(dino_hub, Weights.LVD1689M)}), "
-                f"or model.random_init=true for random weights (demos, tests)")
+                f"{given} not in the torch hub cache ({cached} not found); dinoseg never downloads implicitly: pass "
+                f"model.pretrained_weights=<file, directory or https URL> (the released file: "
+                f"{official_weights_url(dino_hub, Weights[released])}), or model.random_init=true for random weights "
+                f"(demos, tests)")
     with _seeded(random_init_seed):
         if dino_hub is not None:
             return make_backbone(dino_hub, pretrained=not random_init, weights=pretrained_weights or Weights.LVD1689M,
