@@ -42,7 +42,7 @@ def main() -> None:
     total = args.iters + warm
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([], [
-            f"model.dino_hub={args.hub}",
+            f"model.dino_hub={args.hub}", "model.random_init=true",
             f"datasets.train=Synthetic:split=TRAIN:num_samples=64:image_size={args.size}",
             f"datasets.val=Synthetic:split=VAL:num_samples=1:image_size={args.size}",
             f"transforms.train.img_size={args.size}", f"transforms.train.crop_size={args.size}",

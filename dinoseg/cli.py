@@ -58,6 +58,11 @@ def load(items: list[str], command: str):
     if command == "demo" and not yamls:
         yamls = [task_runner("segmentation").DEMO_CONFIG]
     layers = read_layers(yamls, overrides)
+    if command == "train" and not any(len(layer) for layer in layers[:-1]) and not layer_value(layers, "datasets"):
+        # Defaults alone (a synthetic dataset, 40,000 iterations) are never a run anyone meant.
+        what = f"{', '.join(yamls)} sets nothing" if yamls else "no config file given"
+        raise ConfigError(f"train: {what}; pass a config, e.g. `dinoseg train demo.yaml` (a small demo run), or "
+                          f"`dinoseg train ade20k_linear.yaml model.pretrained_weights=... datasets.root=...`")
     task = layer_value(layers, "task")
     if task is not None and str(task) not in TASKS:
         raise ConfigError(f"task={task!r}: expected one of {sorted(TASKS)}")

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -10,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "device=cpu",  # the tests mean the CPU, also on a machine with a GPU (tests/test_cuda.py covers CUDA)
     "model.dino_hub=null",
+    "model.random_init=true",  # random backbone weights: asked for, never a silent default
     "model.backbone_kwargs.patch_size=16",
     "model.backbone_kwargs.embed_dim=32",
     "model.backbone_kwargs.depth=4",
@@ -61,6 +63,35 @@ def run_cli(args, timeout=300, **kwargs):
                           env=cli_env(), timeout=timeout, cwd=REPO, **kwargs)
 
 
+PAUSED_RUN = REPO / "tests" / "_paused_run.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def start_paused(args, folder, step: int, launcher=(sys.executable,)):
+    """Start the command line with `args` (under `launcher`: python, or TORCHRUN) in its own process group, paused
+    after training step `step` (tests/_paused_run.py) until `go(folder)`; its stderr goes to folder/stderr.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "stderr.txt", "w") as err:
+        return subprocess.Popen([*launcher, str(PAUSED_RUN), str(folder), str(step), *args], env=cli_env(), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+
+
+def wait_paused(proc, folder, processes: int = 1, timeout: float = 300) -> list[int]:
+    """Wait until every process of a `start_paused` run is paused (a file the run writes; no guess at its speed);
+    returns their pids by rank."""
+    deadline = time.time() + timeout  # only against a hang
+    paused = [folder / f"paused.{rank}" for rank in range(processes)]
+    while not all(p.exists() for p in paused):
+        assert proc.poll() is None, f"the run ended before it paused:\n{(folder / 'stderr.txt').read_text()[-3000:]}"
+        assert time.time() < deadline, "the run did not pause"
+        time.sleep(0.01)
+    return [int(p.read_text()) for p in paused]
+
+
+def go(folder) -> None:
+    (folder / "go").touch()
+
+
 def read_checkpoint(path):
     import torch
 
@@ -79,25 +110,24 @@ def assert_same_head(a: dict, b: dict, total: int) -> None:
 
 
 def kill_and_resume(make_args, tmp_path, total: int, checkpoint_name: str = "checkpoint_last.pth"):
-    """Run `make_args(out)` uninterrupted; run it again, SIGKILL it after its first checkpoint, resume it.
+    """Run `make_args(out)` uninterrupted; run it again, SIGKILL it one step after its first checkpoint (paused there:
+    no race with its speed), resume it.
 
     Returns (uninterrupted checkpoint, resumed checkpoint) for the caller to compare.
     """
     import signal
-    import time
 
     reference = run_cli(make_args(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *make_args(out)], env=cli_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while not (out / checkpoint_name).exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert (out / checkpoint_name).exists(), "no checkpoint was written"
+    out, paused = tmp_path / "killed", tmp_path / "paused"
+    args = make_args(out)
+    interval = int(next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("train.checkpoint_interval=")))
+    assert interval < total, "no checkpoint before the end to resume from"
+    proc = start_paused(args, paused, step=interval + 1)
+    wait_paused(proc, paused)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert read_checkpoint(out / checkpoint_name)["iteration"] < total, "the run finished before it could be killed"
+    assert read_checkpoint(out / "checkpoint_last.pth")["iteration"] == interval
     resumed = run_cli(make_args(out) + ["train.resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return read_checkpoint(tmp_path / "ref" / checkpoint_name), read_checkpoint(out / checkpoint_name)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from dinoseg.engine.config import config_dir, save_config
+from dinoseg.engine.config import Resume, config_dir, save_config
 from dinoseg.eval.segmentation.config import (
     ConfigError,
     Precision,
@@ -106,3 +106,15 @@ def test_every_field_is_documented_by_a_default():
                 walk(f.type)
 
     walk(SegmentationConfig)
+
+
+def test_train_resume_takes_yaml_booleans_and_auto(tmp_path):
+    yaml = tmp_path / "a.yaml"
+    for text, value in (("false", Resume.FALSE), ("true", Resume.TRUE), ("auto", Resume.AUTO), ("AUTO", Resume.AUTO)):
+        yaml.write_text(f"train:\n  resume: {text}\n")
+        assert load_config([yaml]).train.resume == value  # existing YAMLs write resume: false / true
+        assert load_config([], [f"train.resume={text}"]).train.resume == value
+        saved = save_config(load_config([yaml]), tmp_path / "saved.yaml")
+        assert load_config([saved]).train.resume == value  # the resolved config reads back
+    with pytest.raises(ConfigError, match=r"train.resume='sometimes': expected one of \['false', 'true', 'auto'\]"):
+        load_config([], ["train.resume=sometimes"])

@@ -18,6 +18,7 @@ WIDTHS = [8, 16, 24, 32]
 # A tiny ConvNeXt with unequal stage widths (every released one has them), from the hub architecture by overrides.
 CONVNEXT_TINY = [
     "model.dino_hub=dinov3_convnext_tiny",
+    "model.random_init=true",
     "model.backbone_kwargs.depths=[1,1,1,1]",
     f"model.backbone_kwargs.dims=[{','.join(map(str, WIDTHS))}]",
 ] + [item for item in TINY if not item.startswith("model.")]
@@ -97,7 +98,7 @@ def test_ade20k_linear_recipe_on_convnext_tiny():
     assert cfg.model.dino_hub == "dinov3_convnext_tiny" and cfg.decoder_head.backbone_out_layers.value == "LAST"
     assert cfg.optimizer.gradient_clip == vit.optimizer.gradient_clip == float("inf")  # none: the official recipe's 'inf'
     # Random weights (no file) on the hub architecture: the released ConvNeXt-T.
-    cfg.model.pretrained_weights = None
+    cfg.model.pretrained_weights, cfg.model.random_init = None, True
     assert sum(p.numel() for p in build_backbone(cfg).parameters()) == 27_820_128
 
 

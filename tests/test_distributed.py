@@ -1,19 +1,30 @@
 import json
+import os
+import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from dinoseg.engine.checkpoint import LAST
 
-from .engine_utils import REPO, cli_env, run_cli, tiny
+from .engine_utils import (
+    REPO,
+    TORCHRUN,
+    assert_same_head,
+    cli_env,
+    go,
+    read_checkpoint,
+    run_cli,
+    start_paused,
+    tiny,
+    wait_paused,
+)
 
 
 def _torchrun(args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dinoseg.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=timeout)
+    return subprocess.run([*TORCHRUN, "-m", "dinoseg.cli", *args], capture_output=True, text=True, env=cli_env(),
+                          cwd=REPO, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -40,6 +51,29 @@ def test_two_process_training_and_sharded_evaluation(tmp_path):
     # The 2-process training's own final validation used the same sharded code path.
     r_train = json.loads((out / "results-semantic-segmentation.json").read_text())
     assert r_train["mIoU"] == r1["mIoU"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_with_a_checkpoint_and_the_same_command_continues_exactly(tmp_path):
+    """Under torchrun a signal may reach some processes only: they agree at the next step's all-reduce, stop at the
+    same iteration, rank 0 writes the checkpoint there, and the same command continues to the uninterrupted head."""
+    command = lambda out: ["train", *tiny(out, total_iter=8, checkpoint_interval=4, extra=["train.resume=auto"])]  # noqa: E731
+    reference = _torchrun(command(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out, paused = tmp_path / "preempted", tmp_path / "paused"
+    proc = start_paused(command(out), paused, step=2, launcher=TORCHRUN)
+    _, rank1 = wait_paused(proc, paused, processes=2)
+    os.kill(rank1, signal.SIGTERM)  # rank 1 only
+    go(paused)
+    assert proc.wait(timeout=300) != 0  # torchrun reports its processes' failure (143 each)
+    err = (paused / "stderr.txt").read_text()
+    stopped = [line for line in err.splitlines() if "dinoseg: error: stopped by SIGTERM at iteration 3 of 8" in line]
+    assert len(stopped) == 2 and "exitcode  : 143" in err, err[-3000:]  # both processes, at the same step
+    checkpoint = read_checkpoint(out / LAST)
+    assert checkpoint["iteration"] == 3 and len(checkpoint["rng"]) == 2
+    resumed = _torchrun(command(out))  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_head(read_checkpoint(tmp_path / "reference" / LAST), read_checkpoint(out / LAST), 8)
 
 
 def test_ddp_wraps_the_head_only(tmp_path):

@@ -49,6 +49,10 @@ def test_official_linear_training_config(official, caplog):
         "WarmupOneCycleLR", 40000, 1500, 1e-6, float("inf"), 25.0)
     assert s.anneal_strategy.value == "cos" and s.use_beta1 is False
     assert cfg.model.dino_hub == "dinov3_vitl16" and cfg.model.pretrained_weights == "LVD1689M"
+    assert cfg.model.random_init is False  # the released weights from the hub cache; an error if they are not there
+    _, random = load([official["linear"], "model.dino_hub=dinov3_vitl16", "model.random_init=true",
+                      "datasets.root=/data/ade"], "train")
+    assert random.model.random_init is True and random.model.pretrained_weights is None  # asked for: no implicit weights
     d = cfg.decoder_head
     assert (d.type.value, d.backbone_out_layers.value, d.num_classes, d.dropout, d.use_batchnorm, d.use_cls_token) == (
         "linear", "LAST", 150, 0.1, True, False)

@@ -1,13 +1,15 @@
-"""Run safety: a failed or mistaken command leaves an existing run directory byte-identical, resuming refuses a
-different run, an output directory belongs to one run, and every bad input ends in one clean line (exit 2)."""
+"""Run safety: a failed or mistaken command leaves an existing run directory byte-identical, no run is ever lost (a
+replaced run is deleted only at the new run's first checkpoint, whatever kills it before), resuming refuses a
+different run, SIGTERM stops a run with a checkpoint that the same command continues exactly, an output directory
+belongs to one run, and every bad input ends in one clean line (exit 2)."""
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,14 +23,31 @@ from dinoseg.data.check import check_dataset
 from dinoseg.data.io import DatasetError
 from dinoseg.engine import checkpoint as checkpoint_module
 from dinoseg.engine.checkpoint import BEST, LAST
+from dinoseg.engine.config import Resume
+from dinoseg.engine.files import write_atomically
+from dinoseg.engine.rundir import REPLACED, RESTORING, RunDirectory
 
 from ._data_layouts import make_cityscapes, make_folder
-from .engine_utils import REPO, cli_env, read_checkpoint, run_cli, tiny
+from .engine_utils import (
+    assert_same_head,
+    go,
+    read_checkpoint,
+    run_cli,
+    start_paused,
+    tiny,
+    wait_paused,
+)
+
+HUB = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", "model.random_init=false"]  # not TINY's random ViT
 
 
-def snapshot(directory) -> dict:
-    """Every file under `directory` with its bytes (a failed command must leave all of them as they were)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+def snapshot(directory) -> dict | None:
+    """Every file and folder under `directory` (hidden ones too) with the sha256 of its bytes; None when `directory`
+    does not exist (a failed command must leave all of it as it was)."""
+    if not directory.exists():
+        return None
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(directory.rglob("*"))}
 
 
 def error_of(capsys, args, code=2) -> str:
@@ -51,8 +70,6 @@ def finished_run(tmp_path_factory):
 @pytest.fixture
 def run_copy(finished_run, tmp_path):
     """A private copy of the finished run (the lock is per directory, the bytes are compared per test)."""
-    import shutil
-
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     config = (out / "segmentation_config.yaml").read_text().replace(str(finished_run), str(out))
@@ -71,7 +88,7 @@ def train_args(out, *extra, total=8):
     (["datasets.train=ADE20K:split=TRAIN", "overwrite_output_dir=true"], "ADE20K needs a root (the dataset folder)"),
     (["datasets.val=Synthetic:split=VAL:num_samples=abc", "overwrite_output_dir=true"],
      "SyntheticShapes option num_samples='abc' must be an integer"),
-    (["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", "model.pretrained_weights=/missing/w.pth",
+    ([*HUB, "model.pretrained_weights=/missing/w.pth",
       "overwrite_output_dir=true"], "/missing/w.pth: checkpoint file not found"),
     (["train.bach_size=2"], "train.bach_size"),
     (["model.backbone_kwargs.depth=6", "train.resume=true"], "model.backbone_kwargs.depth: 4 in the checkpoint, 6 now"),
@@ -132,13 +149,9 @@ def test_overwrite_replaces_the_run_files_only(run_copy):
 
 def test_a_second_training_into_a_directory_in_use_is_refused_at_once(tmp_path):
     out = tmp_path / "busy"
-    first = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *train_args(out, total=400)], env=cli_env(), cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = start_paused(train_args(out, total=8), tmp_path / "first", step=1)  # holds the directory until killed
     try:
-        deadline = time.time() + 120
-        while not (out / "segmentation_config.yaml").exists() and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, "the first training ended too early"
+        wait_paused(first, tmp_path / "first")
         started = time.time()
         second = run_cli(train_args(out, "overwrite_output_dir=true"), timeout=120)
         assert second.returncode == 2
@@ -151,11 +164,177 @@ def test_a_second_training_into_a_directory_in_use_is_refused_at_once(tmp_path):
     assert main(train_args(out, "overwrite_output_dir=true", total=4)) == 0
 
 
+FAILS_EARLY = {  # a run that fails at its first batches, before its first checkpoint (at iteration 4)
+    "a diverging loss": lambda root: ["optimizer.lr=1e30"],
+    "an unreadable image": lambda root: [f"datasets.train=Folder:root={root}", f"datasets.val=Folder:root={root}",
+                                         "decoder_head.num_classes=3"],
+}
+
+
+def broken_folder(root):
+    make_folder(root, stems=("a", "b", "c", "d"), size=(32, 32))
+    (root / "images" / "c.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize("failure", FAILS_EARLY)
+def test_an_overwrite_that_fails_before_its_first_checkpoint_puts_the_old_run_back(run_copy, tmp_path, capsys, failure):
+    before = snapshot(run_copy)
+    bad = FAILS_EARLY[failure](broken_folder(tmp_path / "data"))
+    line = error_of(capsys, train_args(run_copy, "overwrite_output_dir=true", *bad))
+    assert "no checkpoint written: the run is undone" in line or "c.png: unreadable" in line
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("failure", FAILS_EARLY)
+def test_a_run_that_fails_before_its_first_checkpoint_starts_again_with_the_same_command(tmp_path, capsys, failure):
+    bad = FAILS_EARLY[failure](broken_folder(tmp_path / "data"))
+    new = tmp_path / "new"  # a directory the run creates: it goes again
+    error_of(capsys, train_args(new, *bad))
+    assert snapshot(new) is None
+    mine = tmp_path / "mine"  # a directory with the user's own files: they stay, byte-identical
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = snapshot(mine)
+    error_of(capsys, train_args(mine, *bad))
+    assert snapshot(mine) == before
+    # The same command, the data fixed: no flag needed (resume=true has nothing to resume: that stays an error).
+    assert "no checkpoint to resume from" in error_of(capsys, train_args(mine, "train.resume=true", total=4))
+    assert main(train_args(mine, total=4)) == 0
+    assert read_checkpoint(mine / LAST)["iteration"] == 4
+
+
+def test_a_killed_overwrite_is_undone_by_the_next_train_into_the_directory(run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
+    paused = tmp_path / "paused"
+    proc = start_paused(train_args(run_copy, "overwrite_output_dir=true"), paused, step=1)  # before its checkpoint
+    wait_paused(proc, paused)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # The old run is moved aside, not deleted, while the new one has no checkpoint.
+    assert read_checkpoint(run_copy / REPLACED / LAST)["iteration"] == 8
+    assert not (run_copy / LAST).exists()
+    # The next train into the directory (here a mistaken one) puts it back first.
+    assert "already holds a run (checkpoint_last.pth at iteration 8)" in error_of(capsys, train_args(run_copy))
+    assert snapshot(run_copy) == before
+
+
+class Killed(BaseException):
+    """A kill: nothing after it runs (the cleanup of a failing write does, which only removes its temporary file)."""
+
+
+def kill_after_steps(monkeypatch, n: int) -> None:
+    """Renames and folder deletions are the steps of a replacement: the (n+1)-th one kills the process instead."""
+    calls = {"n": 0}
+
+    def step(real):
+        def run(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise Killed()
+            return real(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(os, "replace", step(os.replace))
+    monkeypatch.setattr(shutil, "rmtree", step(shutil.rmtree))
+
+
+def old_run(out):
+    out.mkdir()
+    for name, text in (("config.yaml", "old config"), (LAST, "old last"), (BEST, "old best"), ("metrics.jsonl", "old"),
+                       ("notes.txt", "the user's")):
+        (out / name).write_text(text)
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events").write_text("old events")
+    return snapshot(out)
+
+
+def replace_run(run: RunDirectory, *, reaches_a_checkpoint: bool) -> None:
+    """What `train ... overwrite_output_dir=true` does to the directory: a new run that writes its first checkpoint
+    (the old run is deleted then), or one that fails before it (the old run is put back)."""
+    run.check(resume=Resume.FALSE, overwrite=True)
+    run.start("new config", new_run=True)
+    (run.path / "metrics.jsonl").write_text("new")
+    (run.path / "tensorboard").mkdir()
+    if reaches_a_checkpoint:
+        write_atomically(run.path / LAST, lambda f: f.write(b"new last"))
+        run.commit()
+    else:
+        run.undo()
+
+
+@pytest.mark.parametrize("reaches_a_checkpoint", [False, True])
+def test_a_replacement_killed_at_any_step_is_finished_or_undone_by_the_next_train(tmp_path, monkeypatch,
+                                                                                   reaches_a_checkpoint):
+    """Kill the replacement of a run at each of its steps in turn (moving the old files aside, writing the new config,
+    the new run's first checkpoint, deleting the old files or putting them back); the next train into the directory
+    finds either the old run, whole, or (once the new run's checkpoint is there) the new one alone."""
+    reference = tmp_path / "uninterrupted"
+    old_run(reference)
+    replace_run(RunDirectory(reference, "config.yaml", ("tensorboard",)), reaches_a_checkpoint=reaches_a_checkpoint)
+    replaced = snapshot(reference)
+    steps = 0
+    while True:
+        out = tmp_path / f"killed_at_{steps}"
+        before = old_run(out)
+        run = RunDirectory(out, "config.yaml", ("tensorboard",))
+        with monkeypatch.context() as m:
+            kill_after_steps(m, steps)
+            try:
+                replace_run(run, reaches_a_checkpoint=reaches_a_checkpoint)
+                killed = False
+            except Killed:
+                killed = True
+        run.release()  # the kernel's part when a process dies
+        RunDirectory(out, "config.yaml", ("tensorboard",)).check(resume=Resume.FALSE, overwrite=True)  # the next train
+        assert not (out / REPLACED).exists() and not (out / RESTORING).exists()
+        if (out / LAST).read_bytes() == b"new last":
+            assert reaches_a_checkpoint and snapshot(out) == replaced, steps
+        else:
+            assert snapshot(out) == before, steps
+        if not killed:
+            break
+        steps += 1
+    assert steps >= 8  # each file moved aside (and back), the config, the checkpoint, the deletion
+
+
+def test_sigterm_stops_the_run_with_a_checkpoint_and_the_same_command_continues_exactly(tmp_path):
+    """SLURM signals every process of a job, data-loader workers too: the group gets SIGTERM."""
+    command = lambda out: train_args(out, "train.resume=auto", "train.num_workers=1", total=8)  # noqa: E731
+    reference = run_cli(command(tmp_path / "reference"))  # train.resume=auto in an empty directory: a new run
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out, paused = tmp_path / "preempted", tmp_path / "paused"
+    proc = start_paused(command(out), paused, step=2)  # the first regular checkpoint is at 4
+    wait_paused(proc, paused)
+    os.killpg(proc.pid, signal.SIGTERM)
+    go(paused)
+    assert proc.wait(timeout=300) == 143
+    err = (paused / "stderr.txt").read_text()
+    lines = [x for x in err.splitlines() if x.startswith("dinoseg: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"stopped by SIGTERM at iteration 3 of 8, checkpoint written: {out / LAST}" in lines[0]
+    assert "train.resume=auto" in lines[0]
+    assert read_checkpoint(out / LAST)["iteration"] == 3  # the step it was in, finished
+    resumed = run_cli(command(out))  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert_same_head(read_checkpoint(tmp_path / "reference" / LAST), read_checkpoint(out / LAST), 8)
+
+
+def test_resume_auto_refuses_files_of_a_run_without_a_checkpoint_and_contradicts_overwrite(run_copy, capsys):
+    (run_copy / LAST).unlink()  # say, deleted by hand
+    before = snapshot(run_copy)
+    line = error_of(capsys, train_args(run_copy, "train.resume=auto"))
+    assert "holds files of a run" in line and f"but no {LAST} to continue from" in line
+    assert "contradict" in error_of(capsys, train_args(run_copy, "train.resume=auto", "overwrite_output_dir=true"))
+    assert snapshot(run_copy) == before
+
+
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"just some text\n"])
 def test_unreadable_files_in_every_checkpoint_role(tmp_path, capsys, finished_run, content):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(content)
-    weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", f"model.pretrained_weights={bad}"]
+    weights = [*HUB, f"model.pretrained_weights={bad}"]
     assert str(bad) in error_of(capsys, ["train", *tiny(tmp_path / "w"), *weights])
     assert str(bad) in error_of(capsys, ["eval", str(finished_run / "segmentation_config.yaml"), f"head={bad}",
                                          f"output_dir={tmp_path / 'e'}"])
@@ -168,7 +347,7 @@ def test_unreadable_files_in_every_checkpoint_role(tmp_path, capsys, finished_ru
 def test_python_objects_in_a_checkpoint_are_refused_without_an_unsafe_hint(tmp_path, capsys):
     evil = tmp_path / "evil.pth"
     torch.save({"w": torch.nn.Linear(2, 2)}, evil)
-    weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", f"model.pretrained_weights={evil}"]
+    weights = [*HUB, f"model.pretrained_weights={evil}"]
     line = error_of(capsys, ["train", *tiny(tmp_path / "w"), *weights])
     assert "holds Python objects beyond tensors" in line and "refused" in line and "weights_only" not in line
 
@@ -176,7 +355,7 @@ def test_python_objects_in_a_checkpoint_are_refused_without_an_unsafe_hint(tmp_p
 def test_an_unreachable_url_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     url = "http://127.0.0.1:9/dinov3_vits16_pretrain_lvd1689m-08c60483.pth"  # nothing listens on port 9
-    weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", f"model.pretrained_weights={url}"]
+    weights = [*HUB, f"model.pretrained_weights={url}"]
     assert f"{url}: download failed" in error_of(capsys, ["train", *tiny(tmp_path / "w"), *weights])
 
 
@@ -239,21 +418,17 @@ def test_checkpoints_are_fsynced_before_they_are_relied_on(tmp_path, monkeypatch
 
 
 def test_ctrl_c_ends_with_one_line_and_the_run_resumes(tmp_path):
-    out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", *train_args(out, total=400)], env=cli_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / LAST).exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    out, paused = tmp_path / "interrupted", tmp_path / "paused"
+    proc = start_paused(train_args(out, total=8), paused, step=5)  # after the checkpoint at 4
+    wait_paused(proc, paused)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.wait(timeout=120) == 130
+    err = (paused / "stderr.txt").read_text()
     line = [x for x in err.splitlines() if x.startswith("dinoseg: error:")]
     assert len(line) == 1 and "Traceback" not in err
-    assert "interrupted at iteration" in line[0] and str(out / LAST) in line[0] and "train.resume=true" in line[0]
-    reached = read_checkpoint(out / LAST)["iteration"]
-    assert f"(iteration {reached})" in line[0]
-    assert main(train_args(out, "train.resume=true", total=reached + 2)) == 0
+    assert "interrupted at iteration 5 of 8" in line[0] and str(out / LAST) in line[0] and "train.resume=true" in line[0]
+    assert "(iteration 4)" in line[0] and read_checkpoint(out / LAST)["iteration"] == 4
+    assert main(train_args(out, "train.resume=true", total=6)) == 0
 
 
 def test_a_bad_image_in_a_loader_worker_reads_as_in_the_main_process(tmp_path, capsys):

@@ -79,7 +79,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 
     base = tiny(tmp_path / "r", total_iter=4)
     assert "root" in error_of(["train", *base, "datasets.train=ADE20K:split=TRAIN:root=/nonexistent/ade"])
-    missing_weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}",
+    missing_weights = ["model.dino_hub=dinov3_vits16", "model.backbone_kwargs={}", "model.random_init=false",
                        "model.pretrained_weights=/missing/w.pth"]
     assert "/missing/w.pth: checkpoint file not found" in error_of(["train", *base, *missing_weights])
     assert "train.bach_size" in error_of(["train", *base, "train.bach_size=2"])
@@ -176,3 +176,15 @@ def test_eval_and_predict_reuse_one_accumulator_buffer(tmp_path, monkeypatch):
                  "--input", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--output", str(tmp_path / "p")]) == 0
     assert len(buffers) == 2 and buffers[0] is buffers[1]
     assert Image.open(tmp_path / "p" / "b_label.png").size == (30, 60)
+
+
+@pytest.mark.parametrize("items", [[], ["empty.yaml"], ["empty.yaml", "output_dir=runs/x", "scheduler.total_iter=9"]])
+def test_train_without_a_config_says_what_to_pass(tmp_path, monkeypatch, capsys, items):
+    """Defaults alone (synthetic data, 40,000 iterations into runs/default) never start a run."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert main(["train", *items]) == 2
+    err = capsys.readouterr().err.strip()
+    what = "empty.yaml sets nothing" if items else "no config file given"
+    assert err.startswith(f"dinoseg: error: train: {what}; pass a config, e.g. `dinoseg train demo.yaml`"), err
+    assert "\n" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]  # nothing written

@@ -11,7 +11,10 @@ Randomness has two sources and both change with the epoch:
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,10 +23,28 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed ``random`` and ``numpy`` from the worker's torch seed (already distinct per rank, worker, epoch)."""
+    """Seed ``random`` and ``numpy`` from the worker's torch seed (already distinct per rank, worker, epoch); leave
+    SIGTERM to the parent (`end_on_sigterm_from_parent_only`)."""
+    end_on_sigterm_from_parent_only()
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def end_on_sigterm_from_parent_only() -> None:
+    """In a loader worker: end on a SIGTERM from the parent process (how PyTorch ends a worker that does not stop),
+    ignore anyone else's. SLURM signals every process of a job, workers included; a worker that died of it would fail
+    the training process, which stops cleanly on SIGTERM (a checkpoint at the end of its step) and ends its workers
+    itself. A worker whose parent dies ends anyway (PyTorch's watchdog)."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait_for_sigterm():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait_for_sigterm, daemon=True, name="sigterm").start()
 
 
 class UnpaddedDistributedSampler(DistributedSampler):

@@ -1,5 +1,6 @@
 """Training checkpoints: the head only, written atomically by rank 0, with everything needed for an exact resume."""
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ from ..models.frozen import head_state_dict
 from . import distributed
 from .config import ConfigError, merge_layers
 from .files import write_atomically
-from .optim import TrainingError, TrainingInterrupted
+from .optim import TrainingError, TrainingInterrupted, TrainingPreempted
+
+logger = logging.getLogger("dinoseg")
 
 LAST = "checkpoint_last.pth"
 BEST = "checkpoint_best.pth"
@@ -200,17 +203,26 @@ class Resumed:
             restore_rng(self.checkpoint)
 
 
+_UNDONE = "no checkpoint written: the run is undone, and the same command starts it again"
+
+
 class Checkpoints:
     """A run's `checkpoint_last.pth` and `checkpoint_best.pth`, the best validation scores so far (`best`, saved in
-    both), and what is said about them when training stops early. Saving is collective: every rank calls it."""
+    both), and what is said about them when training stops early. Saving is collective: every rank calls it.
 
-    def __init__(self, out: Path, *, model, step, config_yaml: str, resumed: Resumed):
-        self.out, self.model, self.step, self.config_yaml = Path(out), model, step, config_yaml
+    `run` is the `RunDirectory`: the first `checkpoint_last.pth` of a new run commits it (the run it replaces is
+    deleted only then), and `close` undoes a new run that ends without one."""
+
+    def __init__(self, run, *, model, step, config_yaml: str, resumed: Resumed):
+        self.run, self.model, self.step, self.config_yaml = run, model, step, config_yaml
+        self.out = Path(run.path)
         self.best = resumed.best
         self.saved = resumed.iteration if resumed.checkpoint is not None else None  # iteration of the last one on disk
 
     def save_last(self, iteration: int) -> None:
         self._save(LAST, iteration)
+        if self.saved is None and distributed.is_main_process():
+            self.run.commit()
         self.saved = iteration
 
     def save_best(self, iteration: int, scores: dict) -> None:
@@ -222,18 +234,32 @@ class Checkpoints:
         save_checkpoint(self.out / name, model=self.model, step=self.step, iteration=iteration, best=self.best,
                         config_yaml=self.config_yaml)
 
+    def close(self) -> None:
+        """Training has ended, finished or not: a new run that wrote no checkpoint_last.pth is undone, so that the
+        same command starts it again (a run it was replacing is put back)."""
+        if self.saved is not None or not distributed.is_main_process():
+            return
+        try:
+            self.run.undo()
+        except OSError as e:  # the error that stopped training is the one to report; this one is logged
+            logger.error("%s: the run could not be undone (%s); the next train into it will", self.out, e)
+
     def stopped(self, reason: str) -> TrainingError:
         """The error that ends training for `reason`, naming the checkpoint it keeps."""
-        kept = f"last checkpoint kept: {self.out / LAST}" if self.saved is not None else "no checkpoint written yet"
+        kept = f"last checkpoint kept: {self.out / LAST}" if self.saved is not None else _UNDONE
         return TrainingError(f"{reason}; training stopped ({kept})")
 
     def interrupted(self, iteration: int, total: int) -> TrainingInterrupted:
         """Ctrl-C at `iteration` of `total`: the checkpoint to resume from and how."""
-        kept = "no checkpoint written"
-        if self.saved is not None:
-            kept = f"last checkpoint: {self.out / LAST} (iteration {self.saved})"
-        return TrainingInterrupted(f"interrupted at iteration {iteration} of {total}; {kept}; resume with the same "
-                                   f"command and train.resume=true")
+        if self.saved is None:
+            return TrainingInterrupted(f"interrupted at iteration {iteration} of {total}; {_UNDONE}")
+        return TrainingInterrupted(f"interrupted at iteration {iteration} of {total}; last checkpoint: {self.out / LAST} "
+                                   f"(iteration {self.saved}); resume with the same command and train.resume=true")
+
+    def preempted(self, iteration: int, total: int) -> TrainingPreempted:
+        """SIGTERM: training stopped at `iteration` of `total`, where `save_last` has just written a checkpoint."""
+        return TrainingPreempted(f"stopped by SIGTERM at iteration {iteration} of {total}, checkpoint written: "
+                                 f"{self.out / LAST}; continue with the same command and train.resume=auto (or true)")
 
 
 def read_head_weights(path: str) -> dict[str, torch.Tensor]:

@@ -43,12 +43,15 @@ class ModelConfig:
     # A hub name (dinov3_vits16 ... dinov3_vit7b16, dinov3_convnext_tiny ... _large) or None to build a ViT from
     # `backbone_kwargs`; a custom ConvNeXt is a dinov3_convnext_* name with `depths` / `dims` overrides.
     dino_hub: str | None = "dinov3_vits16"
-    # Official .pth, Hugging Face directory/safetensors, file:// or https:// URL. None = random weights
-    # (only meaningful for demos and tests).
+    # Official .pth, Hugging Face directory/safetensors, file:// or https:// URL, or an official weight-set name
+    # (LVD1689M, SAT493M: the released file in the torch hub cache). None: a hub name's LVD1689M weights from the
+    # torch hub cache; missing there (or for a custom architecture) is an error, unless random_init.
     pretrained_weights: str | None = None
     # Constructor keywords: override the hub architecture, or the whole architecture when dino_hub is None.
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Seed of the random backbone weights when pretrained_weights is None (so eval/predict rebuild the same one).
+    # Random backbone weights, drawn from random_init_seed: only when asked (demos, tests); refused with weights.
+    random_init: bool = False
+    # Seed of the random backbone weights (so eval/predict rebuild the same ones).
     random_init_seed: int = 0
     # Storage dtype of the frozen backbone (and, in eval / predict, of the head): bfloat16 / float16 halve its memory;
     # normalisations and RoPE periods stay float32, and the forward runs under autocast in that dtype.
@@ -92,6 +95,14 @@ def scheduler_kwargs(section) -> dict:
     return {key: section[key] for key in section if key not in ("type", "total_iter")}
 
 
+class Resume(Enum):
+    """`train.resume`: what a run does with the run already in its output directory (YAML `true` / `false` work)."""
+
+    FALSE = "false"  # start a new run; a directory holding one is refused (or replaced: overwrite_output_dir)
+    TRUE = "true"  # continue from <output_dir>/checkpoint_last.pth; an error without it
+    AUTO = "auto"  # continue from checkpoint_last.pth when there is one, else start a new run (preemptible jobs)
+
+
 @dataclass
 class TrainConfig:
     """What every task's training loop reads; tasks add their loss settings in a subclass."""
@@ -100,7 +111,7 @@ class TrainConfig:
     num_workers: int = 4  # data-loading workers per process
     checkpoint_interval: int = 1000
     log_interval: int = 50
-    resume: bool = False  # continue from <output_dir>/checkpoint_last.pth
+    resume: Resume = Resume.FALSE
     tensorboard: bool = False
     # Deterministic algorithms on CUDA (cuBLAS, cuDNN, and dinoseg's own replacements for the ops that have none),
     # so that a run, and a killed and resumed run, give the same weights; slower. CPU runs are deterministic anyway.
@@ -194,6 +205,8 @@ def _normalize_enums(schema: type, layer: DictConfig, prefix: str = "") -> None:
             continue
         value, annotation = layer[f.name], hints[f.name]
         enum = _enum_type(annotation)
+        if enum is not None and isinstance(value, bool):  # `resume: true` names the member of value "true"
+            value = str(value).lower()
         if enum is not None and isinstance(value, str):
             match = [m for m in enum if value.lower() in (str(m.value).lower(), m.name.lower())]
             if not match:
@@ -282,6 +295,9 @@ def validate_common(cfg: DictConfig) -> None:
     m = cfg.model
     if m.dino_hub is None and not m.backbone_kwargs:
         fail("model.dino_hub", None, "give a hub name or model.backbone_kwargs")
+    if m.random_init and m.pretrained_weights:
+        raise ConfigError(f"model.random_init=true asks for random backbone weights, model.pretrained_weights="
+                          f"{m.pretrained_weights!r} for these: choose one")
     if m.dino_hub is not None and m.dino_hub not in ARCHS and m.dino_hub not in CONVNEXT_ARCHS:
         fail("model.dino_hub", m.dino_hub, f"expected one of {sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
     total = cfg.scheduler.total_iter

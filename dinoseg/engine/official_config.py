@@ -185,9 +185,10 @@ def _translate_model(config: OfficialConfig) -> None:
         config.refuse("model.config_file", config_file, "dinoseg builds backbones by hub name: give "
                       "model.dino_hub=<name> and model.pretrained_weights=<checkpoint> instead")
     hub, weights = take("model.dino_hub", None), take("model.pretrained_weights", None)
+    random_init = bool(config.peek("model.random_init", False))  # dinoseg's key: random weights, asked for
     if hub is not None or "model.dino_hub" in config.given:
         config.put("model.dino_hub", hub, "model.dino_hub")
-        if hub is not None and weights is None:
+        if hub is not None and weights is None and not random_init:
             # Officially torch.hub loads the name's default weights; dinoseg looks for the same file in the torch hub
             # cache (and downloads nothing).
             config.put("model.pretrained_weights", "LVD1689M", "model.dino_hub", explicit=False,
@@ -198,7 +199,8 @@ def _translate_model(config: OfficialConfig) -> None:
     if not given and not any(k.startswith("model.backbone_kwargs") for k in config.values):
         # The official code needs a backbone too; dinoseg's default would be a random ViT-S.
         config.put("model.dino_hub", REQUIRED, "model", explicit=False, note="required (no backbone given)")
-        config.put("model.pretrained_weights", REQUIRED, "model", explicit=False, note="required (no backbone given)")
+        if not random_init:
+            config.put("model.pretrained_weights", REQUIRED, "model", explicit=False, note="required (no backbone given)")
 
 
 def _translate_scheduler(config: OfficialConfig) -> None:

@@ -18,6 +18,14 @@ class TrainingInterrupted(TrainingError):
     exit_code = 130
 
 
+class TrainingPreempted(TrainingError):
+    """SIGTERM during training (a preemption, a time limit): every process finished its step and the run wrote a
+    checkpoint there; the same command with train.resume=auto continues exactly. 143 = 128 + SIGTERM, the status a
+    shell reports for a process SIGTERM ended: not 0, so no scheduler or launcher takes the run for finished."""
+
+    exit_code = 143
+
+
 def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, *,
                     param_groups: list[dict] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (the frozen backbone has none). `param_groups` splits them into

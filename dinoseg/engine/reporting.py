@@ -2,8 +2,11 @@
 plot."""
 
 import json
+import logging
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +15,8 @@ from tqdm import tqdm
 
 from . import distributed
 from .files import write_atomically
+
+logger = logging.getLogger("dinoseg")
 
 
 def progress(total: int | None = None, *, desc: str, initial: int = 0, leave: bool = True, iterable=None,
@@ -61,17 +66,35 @@ class LossLog:
     """The training loss, step by step: its mean over processes (a non-finite one stops the run), the progress bar,
     and a metrics.jsonl line every `interval` steps and at the last one, with the mean loss since the previous line
     (single-batch losses are too noisy to read a curve from). `checkpoints` (a `Checkpoints`) names what a stopped
-    run keeps."""
+    run keeps.
+
+    SIGTERM (what SLURM, Kubernetes and torchrun send before they kill) may reach some processes only: the loss's
+    all-reduce carries whether any got it, so that `preempted` turns true at the same step on every process, which
+    then all stop there together, with a checkpoint. The handler is this object's, until `close`."""
 
     def __init__(self, log: MetricsLog, checkpoints, *, total: int, start: int, interval: int):
         self.log, self.checkpoints, self.total, self.interval = log, checkpoints, total, interval
         self.bar = progress(total, desc="train", initial=start)
         self.t0 = time.perf_counter()
         self.window: list[float] = []  # losses since the last line
+        self.preempted = False  # some process got SIGTERM (the same on every process, from `reduce`)
+        self._sigterm = False  # this process got it
+        self._handling = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+        if self._handling:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
 
     def reduce(self, loss: torch.Tensor, iteration: int) -> float:
         """The mean of `loss` over processes (every process calls it, before the optimizer step)."""
-        value = distributed.all_reduce_sum(loss.detach().float().clone()).item() / distributed.get_world_size()
+        local = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(self._sigterm), device=loss.device)])
+        total, sigterms = distributed.all_reduce_sum(local).tolist()
+        value = total / distributed.get_world_size()
+        if sigterms and not self.preempted:
+            self.preempted = True
+            if distributed.is_main_process():
+                logger.info("SIGTERM: stopping after iteration %d, with a checkpoint", iteration + 1)
         if not math.isfinite(value):
             raise self.checkpoints.stopped(f"loss is {value} at iteration {iteration}")
         return value
@@ -87,6 +110,9 @@ class LossLog:
 
     def close(self) -> None:
         self.bar.close()
+        if self._handling:  # None: a handler installed outside Python, i.e. the default one
+            signal.signal(signal.SIGTERM, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
+            self._handling = False
 
 
 def plot_history(run_dir: Path, metrics: dict[str, tuple[float, float] | None]) -> Path:

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.loaders import InfiniteDataloader, make_data_loader
+from ..data.loaders import InfiniteDataloader, make_data_loader, worker_init_fn
 from ..models.frozen import frozen_prefixes
 from . import distributed
 from .checkpoint import Resumed, check_resume, check_world_size, load_checkpoint
+from .config import Resume
 from .optim import TrainingError
 from .reporting import MetricsLog
 from .rundir import RunDirectory
@@ -49,12 +50,17 @@ def start_processes(device: str | None, *, batch_size: int, deterministic: bool,
     return device
 
 
-def open_run(run: RunDirectory, *, resume: bool, overwrite: bool, config, schema: type,
+def open_run(run: RunDirectory, *, resume: Resume, overwrite: bool, config, schema: type,
              allowed_changes: tuple[str, ...]) -> Resumed:
-    """Check, writing nothing, that a training run may use `run`'s directory (rank 0 locks it at once), and read the
-    checkpoint it resumes from: written by as many processes, with a config that differs from `config` (of
-    dataclass `schema`) in `allowed_changes` only (`check_resume`). Every process calls it."""
-    path = run.check(resume=resume, overwrite=overwrite, lock=distributed.is_main_process())
+    """Check, writing nothing, that a training run may use `run`'s directory, and read the checkpoint it resumes from:
+    written by as many processes, with a config that differs from `config` (of dataclass `schema`) in
+    `allowed_changes` only (`check_resume`). Every process calls it; rank 0 first, as it locks the directory and
+    finishes or undoes a start that a kill interrupted there (`RunDirectory.recover`) before the others look."""
+    main = distributed.is_main_process()
+    with distributed.together():
+        path = run.check(resume=resume, overwrite=overwrite) if main else None
+    if not main:
+        path = run.check(resume=resume, overwrite=overwrite, lock=False)
     if path is None:
         return Resumed()
     checkpoint = load_checkpoint(path)
@@ -63,13 +69,14 @@ def open_run(run: RunDirectory, *, resume: bool, overwrite: bool, config, schema
     return Resumed(checkpoint, path, changes)
 
 
-def start_run(run: RunDirectory, config_yaml: str, resumed: Resumed, *, overwrite: bool, tensorboard: bool) -> MetricsLog:
-    """The run starts (rank 0 writes): its directory created and locked, a replaced run's files removed, the config
-    written and logged with what was resumed. Returns the metrics log, cut back to the resumed iteration."""
+def start_run(run: RunDirectory, config_yaml: str, resumed: Resumed, *, tensorboard: bool) -> MetricsLog:
+    """The run starts (rank 0 writes): its directory created and locked, the files of a run it replaces moved aside
+    until its first checkpoint (`RunDirectory.start`), the config written and logged with what was resumed. Returns
+    the metrics log, cut back to the resumed iteration."""
     main = distributed.is_main_process()
     with distributed.together():
         if main:
-            run.start(config_yaml, overwrite=overwrite)
+            run.start(config_yaml, new_run=resumed.checkpoint is None)
             logger.info("config:\n%s", config_yaml)
             if resumed.checkpoint is not None:
                 logger.info("resumed from %s at iteration %d%s", resumed.path, resumed.iteration,
@@ -93,7 +100,8 @@ def training_batches(dataset, batch_size: int, *, seed: int, start_iteration: in
                                      start=start_iteration * per_process)
     return InfiniteDataloader(torch.utils.data.DataLoader(
         EpochSeededDataset(dataset, seed), batch_size=per_process, sampler=sampler, num_workers=num_workers,
-        drop_last=True, persistent_workers=num_workers > 0, collate_fn=collate_fn,
+        drop_last=True, persistent_workers=num_workers > 0, worker_init_fn=worker_init_fn if num_workers else None,
+        collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + rank),  # keeps the global RNG untouched
     ))
 

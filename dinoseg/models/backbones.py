@@ -213,16 +213,42 @@ def build_backbone(
     backbone_kwargs: dict | None = None,
     random_init_seed: int = 0,
     dtype: torch.dtype | None = None,
+    *,
+    random_init: bool = False,
 ) -> nn.Module:
-    """A hub architecture (`dino_hub`, with `backbone_kwargs` overriding its keywords) or a custom ViT
-    (`dino_hub=None`: `backbone_kwargs` are the constructor's), with `pretrained_weights` or, without them,
-    random weights drawn from `random_init_seed` (demos and tests); `dtype` as for `make_backbone`."""
+    """The backbone of a config's `model` section: a hub architecture (`dino_hub`, with `backbone_kwargs` overriding
+    its keywords) or a custom ViT (`dino_hub=None`: `backbone_kwargs` are the constructor's), with
+    `pretrained_weights` (without them, a hub name's LVD1689M weights from the torch hub cache), or random weights
+    drawn from `random_init_seed` when `random_init` asks for them (demos and tests); `dtype` as for `make_backbone`.
+    Weights that are neither given nor cached, without `random_init`, are an error saying where they were looked
+    for and how to pass them: a random backbone is never built silently."""
     kwargs = dict(backbone_kwargs or {})
+    if random_init and pretrained_weights:
+        raise ValueError(f"random_init=True and pretrained_weights={pretrained_weights!r}: choose one")
+    if not random_init and not pretrained_weights and dino_hub is None:
+        raise CheckpointError("model.dino_hub=null (a custom architecture from model.backbone_kwargs) has no released "
+                              "weights: pass model.pretrained_weights=<checkpoint>, or model.random_init=true for "
+                              "random weights (demos, tests)")
+    released = str(pretrained_weights or Weights.LVD1689M.value).upper()  # a weight-set name: the hub cache's file
+    if not random_init and dino_hub is not None and released in Weights.__members__:
+        try:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / official_weights_filename(dino_hub, Weights[released])
+        except ValueError as e:
+            raise CheckpointError(f"model.pretrained_weights={pretrained_weights}: {e}") from None
+        if not cached.exists():
+            given = (f"model.pretrained_weights={pretrained_weights}: the released {released} weights of {dino_hub} are"
+                     if pretrained_weights else f"model.dino_hub={dino_hub}: no weights given (model.pretrained_weights), "
+                     f"and its released {released} weights are")
+            raise CheckpointError(
+                f"{given} not in the torch hub cache ({cached} not found); dinoseg never downloads implicitly: pass "
+                f"model.pretrained_weights=<file, directory or https URL> (the released file: "
+                f"{official_weights_url(dino_hub, Weights[released])}), or model.random_init=true for random weights "
+                f"(demos, tests)")
     with _seeded(random_init_seed):
         if dino_hub is not None:
-            return make_backbone(dino_hub, pretrained=bool(pretrained_weights),
-                                 weights=pretrained_weights or Weights.LVD1689M, dtype=dtype, **kwargs)
-        if not pretrained_weights:
+            return make_backbone(dino_hub, pretrained=not random_init, weights=pretrained_weights or Weights.LVD1689M,
+                                 dtype=dtype, **kwargs)
+        if random_init:
             backbone = DinoVisionTransformer(**kwargs)
             return cast_weights(backbone, dtype) if dtype is not None else backbone
         backbone = DinoVisionTransformer(**kwargs, device="meta")  # weights are assigned, not copied

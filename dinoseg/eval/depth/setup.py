@@ -28,7 +28,9 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     m = cfg.model
     kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
     dtype = Precision(m.weights_dtype).dtype
-    return freeze_backbone(_build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype))
+    backbone = _build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype,
+                               random_init=m.random_init)
+    return freeze_backbone(backbone)
 
 
 def decoder_config(cfg: DictConfig) -> DecoderConfig:

@@ -121,22 +121,25 @@ def train_depth(cfg: DictConfig) -> dict:
         start_iter = resumed.restore(model, step)
         skip_loss_warm_up(criterion, start_iter)
 
-    # 4. The run starts: its directory is locked and the config it uses written (rank 0).
-    log = start_run(run, config_yaml, resumed, overwrite=cfg.overwrite_output_dir, tensorboard=cfg.train.tensorboard)
+    # 4. Training batches from the resumed iteration, the validation loader, DDP over the head.
     batches = training_batches(train_set, cfg.train.batch_size, seed=cfg.seed, start_iteration=start_iter,
                                num_workers=cfg.train.num_workers)
     val_loader = evaluation_loader_of(val_set, cfg, cfg.eval.max_val_samples)
     validation = evaluation_settings(cfg, use_tta=False)  # the official validation runs without TTA
     train_model = wrap_distributed(model, device)
     set_train_mode(train_model)
-    resumed.restore_rng()  # last, so nothing above shifts the restored stream
+
+    # 5. The run starts (rank 0 writes): the directory locked, the config it uses written; a run it replaces is moved
+    # aside until its first checkpoint, and comes back if it stops before (`checkpoints.close`).
+    log = start_run(run, config_yaml, resumed, tensorboard=cfg.train.tensorboard)
     total = cfg.scheduler.total_iter
     metric = metrics_from_names([cfg.eval.metric_to_save])[0]
     loss_mask, ignored = cfg.transforms.train.eval_mask, cfg.eval.ignored_value
-    checkpoints = Checkpoints(run.path, model=model, step=step, config_yaml=config_yaml, resumed=resumed)
+    checkpoints = Checkpoints(run, model=model, step=step, config_yaml=config_yaml, resumed=resumed)
     losses = reporting.LossLog(log, checkpoints, total=total, start=start_iter, interval=cfg.train.log_interval)
+    resumed.restore_rng()  # last, so nothing above shifts the restored stream
 
-    # 5. The loop.
+    # 6. The loop. SIGTERM on any process (a preemption) stops all of them at the end of a step, with a checkpoint there.
     done = start_iter
     try:
         for iteration in range(start_iter, total):
@@ -159,14 +162,17 @@ def train_depth(cfg: DictConfig) -> dict:
                     logger.info("iteration %d: %s", done, "  ".join(f"{k}={v:.4f}" for k, v in scores.items()))
                 if metric.is_better(scores[metric.name], checkpoints.best.get(metric.name, metric.worst_value)):
                     checkpoints.save_best(done, scores)
-            if done % cfg.train.checkpoint_interval == 0 or done == total:
+            if done % cfg.train.checkpoint_interval == 0 or done == total or losses.preempted:
                 checkpoints.save_last(done)
+            if losses.preempted and done < total:
+                raise checkpoints.preempted(done, total)
     except KeyboardInterrupt:
         raise checkpoints.interrupted(done, total) from None
     finally:
         losses.close()
+        checkpoints.close()
 
-    # 6. The final evaluation (the official one: the test set, with TTA as configured), then model_final.pth.
+    # 7. The final evaluation (the official one: the test set, with TTA as configured), then model_final.pth.
     out, test = run.path, cfg.datasets.test or cfg.datasets.val
     saving = result_config(cfg)
     if rank == 0 and saving.save_results:

@@ -105,8 +105,7 @@ def train_detection(cfg: DictConfig) -> dict:
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         start_iter = resumed.restore(model, step)
 
-    # 4. The run starts: its directory is locked and the config it uses written (rank 0).
-    log = start_run(run, config_yaml, resumed, overwrite=cfg.overwrite_output_dir, tensorboard=cfg.train.tensorboard)
+    # 4. Training batches from the resumed iteration, the validation loader, DDP over the head.
     batches = training_batches(train_set, cfg.train.batch_size, seed=cfg.seed, start_iteration=start_iter,
                                num_workers=cfg.train.num_workers, collate_fn=collate_fn)
     val_loader = evaluation_loader(val_set, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
@@ -116,14 +115,18 @@ def train_detection(cfg: DictConfig) -> dict:
     one2many = head.num_queries_one2many > 0
     train_model = wrap_distributed(model, device)
     set_train_mode(train_model)
-    resumed.restore_rng()  # last, so nothing above shifts the restored stream
+
+    # 5. The run starts (rank 0 writes): the directory locked, the config it uses written; a run it replaces is moved
+    # aside until its first checkpoint, and comes back if it stops before (`checkpoints.close`).
+    log = start_run(run, config_yaml, resumed, tensorboard=cfg.train.tensorboard)
     total = cfg.scheduler.total_iter
     metric_name = cfg.eval.metric_to_save
-    checkpoints = Checkpoints(run.path, model=model, step=step, config_yaml=config_yaml, resumed=resumed)
+    checkpoints = Checkpoints(run, model=model, step=step, config_yaml=config_yaml, resumed=resumed)
     losses = reporting.LossLog(log, checkpoints, total=total, start=start_iter, interval=cfg.train.log_interval)
+    resumed.restore_rng()  # last, so nothing above shifts the restored stream
     metrics = detections = None
 
-    # 5. The loop.
+    # 6. The loop. SIGTERM on any process (a preemption) stops all of them at the end of a step, with a checkpoint there.
     done = start_iter
     try:
         for iteration in range(start_iter, total):
@@ -153,14 +156,17 @@ def train_detection(cfg: DictConfig) -> dict:
                                                                     if v is not None and k in ("AP", "AP50", "AP75")))
                 if value is not None and value > checkpoints.best.get(metric_name, -math.inf):
                     checkpoints.save_best(done, {k: v for k, v in scores.items() if v is not None})
-            if done % cfg.train.checkpoint_interval == 0 or done == total:
+            if done % cfg.train.checkpoint_interval == 0 or done == total or losses.preempted:
                 checkpoints.save_last(done)
+            if losses.preempted and done < total:
+                raise checkpoints.preempted(done, total)
     except KeyboardInterrupt:
         raise checkpoints.interrupted(done, total) from None
     finally:
         losses.close()
+        checkpoints.close()
 
-    # 6. Final report (rank 0): the last validation's numbers and detections.
+    # 7. Final report (rank 0): the last validation's numbers and detections.
     if rank == 0 and metrics is not None:
         write_results(metrics, detections, run.path)
     distributed.barrier()
