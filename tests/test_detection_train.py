@@ -267,33 +267,38 @@ def test_kill_and_resume_gives_the_same_head(coco, tmp_path):
     assert a["scheduler"] == b["scheduler"]
 
 
-def test_ctrl_c_then_resume_is_exact(coco, tmp_path, monkeypatch, capsys):
-    """Ctrl-C in the loop at iteration 7 (after the checkpoint of iteration 6), then train.resume=true: the same head
-    as an uninterrupted run, across the lr drop and the reparameterised boxes."""
+def test_sigterm_stops_with_a_checkpoint_and_resume_auto_continues_exactly(coco, tmp_path, monkeypatch, capsys):
+    """SIGTERM (a preemption) during iteration 8: the run finishes that step, checkpoints it and exits 143; the same
+    command with train.resume=auto gives the head of an uninterrupted run, across the lr drop, with the
+    reparameterised detector (pixel boxes, box deltas)."""
+    import os
+    import signal
+
     from dinoseg.eval.detection import train as detection_train
 
-    total = 10
+    total = 12
 
-    def args(out, *extra):
-        return ["train", *tiny_detection(coco[:2], out, total_iter=total, eval_interval=total, checkpoint_interval=3,
+    def args(out):
+        return ["train", *tiny_detection(coco[:2], out, total_iter=total, eval_interval=total, checkpoint_interval=6,
                                          extra=["eval.max_val_samples=2", "scheduler.milestones=[5]",
-                                                "decoder_head.reparam=true", *extra])]
+                                                "decoder_head.reparam=true", "train.resume=auto"])]
 
-    assert main(args(tmp_path / "ref")) == 0
+    assert main(args(tmp_path / "ref")) == 0  # resume=auto in an empty directory: a new run
     real, calls = detection_train.detection_loss, {"n": 0}
 
-    def interrupted(*a, **k):
+    def preempted(*a, **k):
         calls["n"] += 1
         if calls["n"] == 8:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
 
-    monkeypatch.setattr(detection_train, "detection_loss", interrupted)
-    out = tmp_path / "cut"
-    line = error_of(capsys, args(out), code=130)
-    assert f"interrupted at iteration 7 of {total}; last checkpoint: {out / LAST} (iteration 6)" in line
+    monkeypatch.setattr(detection_train, "detection_loss", preempted)
+    out = tmp_path / "preempted"
+    line = error_of(capsys, args(out), code=143)
+    assert f"stopped by SIGTERM at iteration 8 of {total}, checkpoint written: {out / LAST}" in line
+    assert read_checkpoint(out / LAST)["iteration"] == 8
     monkeypatch.setattr(detection_train, "detection_loss", real)
-    assert main(args(out, "train.resume=true")) == 0
+    assert main(args(out)) == 0
     assert_same_head(read_checkpoint(tmp_path / "ref" / LAST), read_checkpoint(out / LAST), total)
 
 
