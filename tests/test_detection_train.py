@@ -210,6 +210,7 @@ def test_bad_detection_inputs_give_one_line_errors(det_run, coco, tmp_path, caps
     line = error_of(capsys, ["train", *base, f"datasets.train=CocoJson:images={corrupt}:annotations="
                              f"{root / 'train' / 'annotations.json'}"])
     assert f"{corrupt / 'train_000003.png'}: unreadable or corrupt image" in line
+    assert not out.exists()  # a new run that stops before its first checkpoint is undone
     # eval: the head is required, must exist and fit the dataset; a released detector is never downloaded.
     config, eval_out = str(det_run / "detection_config.yaml"), f"output_dir={tmp_path / 'e'}"
     assert "head: a head checkpoint is required" in error_of(capsys, ["eval", config, "head=null", eval_out])
