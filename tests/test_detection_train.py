@@ -303,6 +303,18 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_auto_continues_exactly(coco,
     assert_same_head(read_checkpoint(tmp_path / "ref" / LAST), read_checkpoint(out / LAST), total)
 
 
+def test_bfloat16_training_and_half_weights_evaluation_on_cpu(coco, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["train", *tiny_detection(coco[:2], out, total_iter=3, checkpoint_interval=3),
+                 "precision=bfloat16", "decoder_head.reparam=true"]) == 0
+    ckpt = read_checkpoint(out / LAST)
+    assert {v.dtype for v in ckpt["model"].values()} <= {torch.float32, torch.int64}  # master weights stay float32
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert main(["eval", str(out / "detection_config.yaml"), f"head={out / LAST}", "model.weights_dtype=bfloat16"]) == 0
+    results = json.loads((out / "eval" / "checkpoint_last" / "results-detection.json").read_text())
+    assert results["num_images"] == 7 and results["num_detections"] == 7 * 40
+
+
 @pytest.mark.slow
 def test_demo_learns_the_shapes(tmp_path, capsys):
     """A shorter `dinoseg demo demo_detection.yaml` (240 iterations, 32 validation images; measured AP50 0.56, and
