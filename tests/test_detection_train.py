@@ -317,17 +317,17 @@ def test_bfloat16_training_and_half_weights_evaluation_on_cpu(coco, tmp_path):
 
 @pytest.mark.slow
 def test_demo_learns_the_shapes(tmp_path, capsys):
-    """A shorter `dinoseg demo demo_detection.yaml` (240 iterations, 32 validation images; measured AP50 0.56, and
-    0.84 for the full demo): far above an untrained head's AP50 of about 0."""
+    """A shorter `dinoseg demo demo_detection.yaml` (300 iterations, 32 validation images; measured AP50 0.46 with one
+    thread, the full demo 0.70-0.77): far above an untrained head's (about 0)."""
     from dinoseg.eval.detection.config import load_config
     from dinoseg.eval.detection.run import run_demo
 
     out = tmp_path / "demo"
     cfg = load_config(["demo_detection.yaml"], [
-        f"output_dir={out}", "scheduler.total_iter=240", "scheduler.milestones=[200]", "eval.eval_interval=240",
-        "train.checkpoint_interval=240", "datasets.val=SyntheticBoxes:split=VAL:num_samples=32:image_size=96"])
+        f"output_dir={out}", "scheduler.total_iter=300", "scheduler.milestones=[250]", "eval.eval_interval=300",
+        "train.checkpoint_interval=300", "datasets.val=SyntheticBoxes:split=VAL:num_samples=32:image_size=96"])
     results = run_demo(cfg)
-    assert results["metrics"].stats["AP50"] > 0.3
+    assert results["metrics"].stats["AP50"] > 0.25
     printed = capsys.readouterr().out
     assert "red disk" in printed and "AP50" in printed
     assert (out / "training_curves.png").exists() and len(list((out / "predictions").glob("*_boxes.png"))) == 4
