@@ -456,3 +456,21 @@ def test_convnext_linear_export_predicts_as_pytorch(tmp_path, capsys, mode):
     assert main(["predict", *config, "-i", str(images), "-o", str(tmp_path / "torch")]) == 0
     assert main(["predict", "--onnx", str(onnx_file), "-i", str(images), "-o", str(tmp_path / "onnx")]) == 0
     assert_same_outputs(tmp_path / "torch", tmp_path / "onnx")
+
+
+def test_convnext_m2f_export_matches_pytorch(tmp_path):
+    """Mask2Former on a ConvNeXt's stages: the pyramid pads the 48 x 48 crops to 64 inside the graph and crops each
+    level back. (A fixed size keeps the suite fast: the dynamic export, verified at two sizes, takes about four
+    times as long; `benchmarks/export_onnx.py` runs it.)"""
+    torch.manual_seed(0)
+    m2f = [item for item in M2F[len(TINY):] if ".adapter." not in item]  # a ConvNeXt has no adapter
+    model = build_model(load_config([], [*CONVNEXT, *m2f]), 6).eval()
+    with torch.no_grad():
+        model.segmentation_model[1].predictor.class_embed.weight.mul_(20)
+    metadata = deployment_metadata(**{**METADATA, "class_names": None, "palette": None})
+    path = export_onnx(model, tmp_path / "m2f.onnx", image_size=(48, 48), metadata=metadata)
+    onnx_model = OnnxSegmentor(path)
+    assert (onnx_model.decoder, onnx_model.input_size, onnx_model.patch_size) == ("m2f", (48, 48), None)
+    for batch, size in ((2, (48, 48)), (1, (40, 101))):
+        x = torch.randn(batch, 3, 48, 48)
+        assert_close(_class_scores(onnx_model.predict(x, rescale_to=size)), _class_scores(model.predict(x, rescale_to=size)))
