@@ -109,7 +109,7 @@ def bench(name: str, size: int, fixed: bool, threads: int, repeats: int, folder:
         export_onnx(model, path, image_size=image_size,
                     metadata=deployment_metadata(inference_mode=mode, crop_size=size, stride=size // 2))
         runtime = OnnxSegmentor(path, threads=threads)
-        args = dict(decoder_head_type=runtime.decoder, rescale_to=(size, size), crop_size=(size, size), stride=(size, size))
+        args = dict(rescale_to=(size, size), crop_size=(size, size), stride=(size, size))
         torch_run, onnx_run = (lambda: make_inference(x, model, **args)), (lambda: make_inference(x, runtime, **args))
     else:
         export_depther(model, path, image_size=image_size,

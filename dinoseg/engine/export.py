@@ -23,7 +23,9 @@ decomposition with symbolic sizes take most of it; a fixed size is several times
 """
 
 import contextlib
+import functools
 import importlib
+import io
 import json
 import logging
 import os
@@ -239,8 +241,6 @@ def _skip(f, wire: int) -> None:
 
 def _fields(data: bytes) -> dict[int, bytes]:
     """Length-delimited fields of a small message."""
-    import io
-
     f, out = io.BytesIO(data), {}
     while f.tell() < len(data):
         number, wire = _tag(f)
@@ -301,19 +301,19 @@ def write_onnx(
     path = check_output_path(path)
     require_packages("onnx", "onnxruntime", "onnxscript", purpose="exporting to ONNX")
     metadata_props(metadata)  # fail before the slow part
-    outputs = tuple(outputs)
     module.eval()
+    write = functools.partial(_write, module, path, size_multiple=size_multiple, min_size=min_size, opset=opset,
+                              outputs=tuple(outputs), metadata=metadata, doc=doc, what=what, start=start)
     if image_size is not None:
-        return _write(module, path, tuple(image_size), size_multiple, min_size, opset, outputs, metadata, doc, what, start)
+        return write(tuple(image_size))
     try:
-        return _write(module, path, None, size_multiple, min_size, opset, outputs, metadata, doc, what, start)
+        return write(None)
     except _DynamicSizeError as e:
         if fallback_size is None:
             raise ExportError(f"{e}; export a fixed size instead (--size H W)") from None
         logger.warning("export: a dynamic input size cannot be made exact (%s); exporting a fixed %d x %d graph "
                        "instead", e, *fallback_size)
-        return _write(module, path, tuple(fallback_size), size_multiple, min_size, opset, outputs, metadata, doc, what,
-                      start)
+        return write(tuple(fallback_size))
 
 
 def sample_sizes(size_multiple: int, min_size: int = 1) -> list[tuple[int, int]]:
@@ -336,8 +336,9 @@ def _samples(fixed_size, size_multiple: int, min_size: int) -> list[torch.Tensor
     return out
 
 
-def _write(module, path: Path, fixed_size, size_multiple: int, min_size: int, opset: int, outputs, metadata: dict,
+def _write(module, path: Path, fixed_size, *, size_multiple: int, min_size: int, opset: int, outputs, metadata: dict,
            doc: str, what: str, start: float) -> ExportReport:
+    """One export attempt: `fixed_size` None for a dynamic size."""
     dynamic = fixed_size is None
     samples = _samples(fixed_size, size_multiple, min_size)
     seconds = {}

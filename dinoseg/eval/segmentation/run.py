@@ -203,6 +203,8 @@ def run_export(cfg: DictConfig, output: str, image_size=None, opset: int = DEFAU
     if not palette or len(palette) < num_classes:
         palette = default_palette(num_classes)
     if class_names is not None and len(class_names) != num_classes:
+        logger.warning("export: the dataset names %d classes, the head has %d: exported without class names",
+                       len(class_names), num_classes)
         class_names = None
     settings = inference_settings(cfg)
     metadata = deployment_metadata(
