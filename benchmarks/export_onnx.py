@@ -3,7 +3,8 @@ largest difference.
 
 Models (random weights; the architectures are what matters):
 - seg-linear: `dinov3_vits16` + the official linear head (last layer, BatchNorm, 150 classes);
-- seg-m2f: the test suite's tiny ViT (4 blocks, width 32) + ViT-Adapter + Mask2Former (hidden 32, 4 queries);
+- seg-m2f: the test suite's tiny ViT (4 blocks, width 32) + ViT-Adapter + Mask2Former (hidden 32, 4 queries), as
+  exported by tests/test_export.py;
 - convnext-linear: `dinov3_convnext_tiny` + a linear head on its last stage (150 classes);
 - convnext-m2f: a tiny ConvNeXt (one block per stage, widths 8-32) + Mask2Former on its stages;
 - depth-linear: `dinov3_vits16` + a linear depth head (last layer, 256 bins);
@@ -35,7 +36,7 @@ from dinoseg.eval.depth.models import build_depther
 from dinoseg.eval.depth.onnx_runtime import OnnxDepther
 from dinoseg.eval.segmentation.export import deployment_metadata, export_onnx
 from dinoseg.eval.segmentation.inference import make_inference
-from dinoseg.eval.segmentation.models import Mask2FormerOptions, build_segmentation_decoder
+from dinoseg.eval.segmentation.models import AdapterOptions, Mask2FormerOptions, build_segmentation_decoder
 from dinoseg.eval.segmentation.onnx_runtime import OnnxSegmentor
 from dinoseg.models.backbones import make_backbone
 from dinoseg.models.convnext import ConvNeXt
@@ -43,8 +44,11 @@ from dinoseg.models.vision_transformer import DinoVisionTransformer
 
 TINY_VIT = dict(patch_size=16, embed_dim=32, depth=4, num_heads=2, n_storage_tokens=4, layerscale_init=1e-5,
                 mask_k_bias=True, pos_embed_rope_dtype="fp32")
-TINY_M2F = dict(hidden_dim=32, m2f_options=Mask2FormerOptions(num_queries=4, nheads=2, dim_feedforward=32, enc_layers=1,
-                                                              dec_layers=2, pixel_decoder_nheads=2))
+M2F_OPTIONS = dict(num_queries=4, nheads=2, dim_feedforward=32, enc_layers=1, dec_layers=2, pixel_decoder_nheads=2)
+# tests/test_export.py's Mask2Former: the ViT-Adapter narrowed too.
+TINY_M2F = dict(hidden_dim=32, m2f_options=Mask2FormerOptions(
+    **M2F_OPTIONS, adapter=AdapterOptions(deform_num_heads=2, conv_inplane=16, with_cp=False)))
+CONVNEXT_M2F = dict(hidden_dim=32, m2f_options=Mask2FormerOptions(**M2F_OPTIONS))
 
 
 def vits16():
@@ -59,7 +63,7 @@ MODELS = {
     "convnext-linear": ("segmentation", lambda: build_segmentation_decoder(
         make_backbone("dinov3_convnext_tiny", pretrained=False), "LAST", "linear", num_classes=150)),
     "convnext-m2f": ("segmentation", lambda: build_segmentation_decoder(
-        ConvNeXt(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32]), "FOUR_LAST", "m2f", num_classes=6, **TINY_M2F)),
+        ConvNeXt(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32]), "FOUR_LAST", "m2f", num_classes=6, **CONVNEXT_M2F)),
     "depth-linear": ("depth", lambda: build_depther(vits16(), "LAST", 256, head_type="linear", use_batchnorm=True)),
     "depth-dpt": ("depth", lambda: build_depther(vits16(), "FOUR_EVEN_INTERVALS", 256, head_type="dpt", channels=64,
                                                  post_process_channels=[48, 96, 192, 384])),

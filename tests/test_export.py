@@ -380,6 +380,7 @@ def _with_metadata(source, target, **changes):
     (dict(crop_size="48,"), "metadata crop_size is not JSON ('48,')"),
     (dict(inference_mode='"sliding"'), """metadata inference_mode is 'sliding'; expected "whole" or "slide\""""),
     (dict(input_size="[48]"), """metadata input_size is [48]; expected "dynamic" or [H, W]"""),
+    (dict(tta_ratios="[]"), "metadata tta_ratios is []; expected a list of positive numbers"),
     (dict(format='"dinoseg-segmentor/9"'), "not a dinoseg export (metadata format is 'dinoseg-segmentor/9'; expected one of"),
 ])
 def test_predict_onnx_checks_the_metadata(linear, tmp_path, capsys, changes, message):

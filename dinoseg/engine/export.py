@@ -7,8 +7,8 @@ rest, the same way for every task:
 - the graph is traced with torch.export (`torch.onnx.export(dynamo=True)`), the batch size always dynamic and
   the spatial size either dynamic (sides `k * size_multiple`) or fixed; the exporter's progress lines and notes
   go to the debug log;
-- it is simplified by onnxscript's constant folding and clean-up passes, without its pattern rewriter (which took
-  a third of a Mask2Former export and gave onnxruntime nothing it does not do itself when it loads the graph);
+- it is simplified by onnxscript's constant folding and clean-up passes, without its pattern rewriter (a fifth of
+  a Mask2Former export, for nothing onnxruntime does not do itself when it loads the graph);
 - the file is written in a temporary folder beside the target, checked with `onnx.checker`, run by onnxruntime
   on sample images (two sizes and batch sizes when the size is dynamic) and compared with PyTorch, then renamed
   into place: a failed export leaves no file and no folder, and an existing target is replaced only by a verified
@@ -18,8 +18,9 @@ rest, the same way for every task:
 - the metadata is stored in `metadata_props` as JSON values, with `input_size` ("dynamic" or [H, W]), `opset`
   and `outputs` added.
 
-Where the time goes (tiny ViT-Adapter + Mask2Former, `benchmarks/export_onnx.py`): torch.export and its
-decomposition with symbolic sizes take most of it; a fixed size is several times faster to trace.
+Where the time goes (`benchmarks/export_onnx.py`, README "Deploying as ONNX"): nearly all of it is tracing,
+torch.export then the exporter's decomposition of its graph (a second trace), both with symbolic sizes when the
+size is dynamic; a fixed size traces 2 to 3 times faster. Optimising and verifying take seconds.
 """
 
 import contextlib
@@ -407,8 +408,8 @@ def _export_graph(module: nn.Module, sample: torch.Tensor, multiple: int | None,
 
 def optimize_graph(model) -> None:
     """onnxscript's optimiser (`optimize_ir`: inlining, constant folding, dead-code removal, constants lifted to
-    deduplicated initialisers, common subexpressions merged) without its pattern rewriter. The rewriter matches
-    every rule at every node, twice: 30 of the tiny Mask2Former's 80 seconds, for 5% fewer nodes and no gain in
+    deduplicated initialisers, common subexpressions merged) without its pattern rewriter, which tries its 46
+    rules at every node, twice: a fifth of the tiny Mask2Former's export time, for 5% fewer nodes and no gain in
     onnxruntime's speed (its own graph optimisations at load time do the same rewrites)."""
     from onnx_ir.passes import common
     from onnxscript.optimizer import fold_constants_ir

@@ -235,6 +235,8 @@ def main(command: str, cfg: DictConfig | None, args) -> int:
         run_demo(cfg)
     elif command == "check-data":
         return run_check_data(cfg, args.split)
+    else:  # a command the parser knows and this task does not: never a silent success
+        raise ConfigError(f"dinoseg {command}: the depth task has no such command")
     return 0
 
 

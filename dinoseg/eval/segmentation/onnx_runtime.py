@@ -52,6 +52,13 @@ class OnnxSegmentor(OnnxModel):
             self.bad_metadata("inference_mode", m["inference_mode"], '"whole" or "slide"')
         for key in ("crop_size", "stride"):
             self._int(m, key)
+        if m["resize_short_side"] is not None:
+            self._int(m, "resize_short_side")
+        ratios = m["tta_ratios"]
+        if not (isinstance(ratios, list) and ratios and all(isinstance(r, (int, float)) and r > 0 for r in ratios)):
+            self.bad_metadata("tta_ratios", ratios, "a list of positive numbers")
+        if not isinstance(m["flip"], bool):
+            self.bad_metadata("flip", m["flip"], "true or false")
         for key, n in (("mean", 3), ("std", 3)):
             if not (isinstance(m[key], list) and len(m[key]) == n and all(isinstance(v, (int, float)) for v in m[key])):
                 self.bad_metadata(key, m[key], f"{n} numbers")
