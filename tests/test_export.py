@@ -29,6 +29,7 @@ from dinoseg.models.frozen import head_state_dict
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
 from .engine_utils import TINY, tiny
+from .test_convnext_train import CONVNEXT_TINY
 from .test_run_safety import error_of, snapshot
 
 TINY_VIT = dict(patch_size=16, embed_dim=32, depth=4, num_heads=2, n_storage_tokens=4, layerscale_init=1e-5,
@@ -433,8 +434,7 @@ def test_a_missing_released_segmentor_names_the_command_line_key(tmp_path, capsy
 
 # -- ConvNeXt --------------------------------------------------------------------------------------------------
 
-CONVNEXT = ["model.dino_hub=dinov3_convnext_tiny", "model.backbone_kwargs.depths=[1,1,1,1]",
-            "model.backbone_kwargs.dims=[8,16,24,32]"] + [item for item in TINY if not item.startswith("model.")]
+CONVNEXT = CONVNEXT_TINY  # a ConvNeXt-T with one block per stage, widths 8 to 32
 
 
 @pytest.mark.parametrize("mode", ["slide", "whole"])
