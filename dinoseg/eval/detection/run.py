@@ -14,6 +14,7 @@ from ...data.detection_check import check_detection_dataset, format_detection_re
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError, Precision
+from ...engine.export import DEFAULT_OPSET, check_output_path
 from ...engine.files import write_atomically
 from ...engine.predict import list_images, predict_images
 from ...engine.rundir import prepare_output_dir
@@ -21,6 +22,7 @@ from ...engine.training import evaluation_loader
 from ...models.precision import weights_autocast
 from .config import DetectionConfig, config_from_layers
 from .eval import METRICS_FILENAME, evaluate_detector, format_results, write_results
+from .export import FORMAT, deployment_metadata, export_onnx
 from .metrics import CocoEvaluator, to_coco_results
 from .models.released import COCO_CATEGORY_NAMES, N_WINDOWS_SQRT, DetectionWeights, head_location, released_head_config
 from .setup import (
@@ -41,6 +43,7 @@ logger = logging.getLogger("dinoseg")
 NAME = "detection"
 SCHEMA = DetectionConfig
 DEMO_CONFIG = "demo_detection.yaml"
+ONNX_FORMAT = FORMAT  # the metadata `format` of the files `dinoseg export` writes (`predict --onnx` picks the task by it)
 
 # Released detectors usable by name (`head=dinov3_vit7b16_de`): their backbone.
 HUB_DETECTORS = {"dinov3_vit7b16_de": "dinov3_vit7b16"}
@@ -101,23 +104,6 @@ def run_eval(cfg: DictConfig):
     return metrics
 
 
-def category_names(cfg: DictConfig) -> tuple[dict | None, dict[int, str], dict[int, tuple]]:
-    """(label -> category id, category id -> name, category id -> colour) of the configured validation set when it
-    is on this machine; otherwise labels are taken as category ids, named by COCO's names for a 91-class head and
-    by their number for any other."""
-    try:
-        dataset = build_dataset_quietly(cfg)
-    except (DatasetError, FileNotFoundError, ConfigError):
-        dataset = None
-    if dataset is not None:
-        names = dict(dataset.category_names)
-        palette = getattr(dataset, "palette", None) or category_colours(len(names))
-        return dict(dataset.label_to_category_id), names, dict(zip(dataset.category_ids, palette))
-    num_classes = cfg.decoder_head.num_classes or 0
-    names = dict(COCO_CATEGORY_NAMES) if num_classes == 91 else {}
-    return None, names, {}
-
-
 def build_dataset_quietly(cfg: DictConfig) -> DetectionDataset:
     dataset = make_dataset(cfg.datasets.val, default_root=cfg.datasets.root)
     if not isinstance(dataset, DetectionDataset):
@@ -126,37 +112,41 @@ def build_dataset_quietly(cfg: DictConfig) -> DetectionDataset:
 
 
 @torch.no_grad()
-def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None) -> list[Path]:
+def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=None, *, onnx: str | None = None) -> list[Path]:
     """Detections of images: `<name>_boxes.png` (the image with labelled boxes and scores) and `<name>.json` (boxes
     XYXY in the image's pixels, category ids and names, scores), for the detections scoring at least
     `eval.score_threshold`. An unreadable image is reported and skipped; the others are still processed, then the
-    command fails naming every image it skipped."""
-    device = distributed.setup(cfg.device)
+    command fails naming every image it skipped. `onnx`: an exported detector run by onnxruntime on the CPU, with
+    the settings and categories in its metadata (then no `cfg`)."""
     images = list_images(inputs, Path(output))
-    if model is None:
-        weights, source = resolve_head(cfg)
-        OmegaConf.update(cfg, "decoder_head.num_classes",
-                         cfg.decoder_head.num_classes or head_num_classes(weights, source), merge=False)
-        model = build_detector_with_head(cfg, weights, source).to(device).eval()
-    label_to_category, names, colours = category_names(cfg)
-    if not colours:
-        ids = sorted(names) or list(range(model.class_embed[0].out_features))
-        colours = dict(zip(ids, category_colours(len(ids))))
-    transform, postprocess, threshold = build_eval_transforms(cfg), build_postprocess(cfg), cfg.eval.score_threshold
+    if onnx:
+        from .onnx_runtime import OnnxDetector
+
+        device, dtype = torch.device("cpu"), torch.float32
+        model = OnnxDetector(onnx)
+        transform, postprocess = model.eval_transforms(), model.postprocess()
+        threshold = model.metadata["score_threshold"]
+        label_to_category, names, colours = model.categories()
+    else:
+        device, dtype = distributed.setup(cfg.device), Precision(cfg.precision).dtype
+        if model is None:
+            model = load_detector(cfg, device)
+        transform, postprocess, threshold = build_eval_transforms(cfg), build_postprocess(cfg), cfg.eval.score_threshold
+        label_to_category, names, colours = categories(cfg, model.class_embed[0].out_features)
 
     def detect(raw: torch.Tensor, name: Path) -> list[Path]:
         height, width = raw.shape[-2:]
-        size = torch.tensor([height, width])
         image, target = transform(raw, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
-        with weights_autocast(model, device.type, Precision(cfg.precision).dtype):
-            outputs = model([image.to(device)])
+        x = image[None].to(device)
+        with weights_autocast(model, device.type, dtype):
+            outputs = model(x)
         outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
         found = postprocess(outputs, target_sizes=target["size"][None].to(device))
-        results = to_coco_results(found, [{"image_id": 0, "size": target["size"], "orig_size": size}], label_to_category)
+        image_info = {"image_id": 0, "size": target["size"], "orig_size": torch.tensor([height, width])}
         detections = [{"category_id": r["category_id"], "category_name": names.get(r["category_id"], str(r["category_id"])),
                        "score": r["score"], "box": [r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2],
                                                     r["bbox"][1] + r["bbox"][3]]}
-                      for r in results if r["score"] >= threshold]
+                      for r in to_coco_results(found, [image_info], label_to_category) if r["score"] >= threshold]
         targets = [name.parent / f"{name.name}_boxes.png", name.parent / f"{name.name}.json"]
         draw_detections(raw, detections, colours).save(targets[0])
         record = {"width": int(width), "height": int(height), "box_format": "XYXY, pixels of the image",
@@ -165,6 +155,55 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None) -> 
         return targets
 
     return predict_images(images, output, detect)
+
+
+def load_detector(cfg: DictConfig, device: torch.device):
+    """The configured detector with the trained head `cfg.head` (`resolve_head`), in eval mode; `cfg`'s
+    `decoder_head.num_classes` is set to the head's."""
+    weights, source = resolve_head(cfg)
+    OmegaConf.update(cfg, "decoder_head.num_classes", cfg.decoder_head.num_classes or head_num_classes(weights, source),
+                     merge=False)
+    return build_detector_with_head(cfg, weights, source).to(device).eval()
+
+
+def categories(cfg: DictConfig, num_classes: int) -> tuple[dict | None, dict[int, str], dict[int, tuple]]:
+    """(label -> category id, category id -> name, category id -> colour) of the configured validation set when it
+    is on this machine; otherwise labels are taken as category ids, named by COCO's names for a 91-class head and
+    by their number for any other."""
+    try:
+        dataset = build_dataset_quietly(cfg)
+    except (DatasetError, FileNotFoundError, ConfigError):
+        dataset = None
+    if dataset is not None and dataset.num_classes == num_classes:
+        names = dict(dataset.category_names)
+        palette = getattr(dataset, "palette", None) or category_colours(len(names))
+        return dict(dataset.label_to_category_id), names, dict(zip(dataset.category_ids, palette))
+    names = dict(COCO_CATEGORY_NAMES) if num_classes == 91 else {k: str(k) for k in range(num_classes)}
+    return None, names, dict(zip(sorted(names), category_colours(len(names))))
+
+
+def run_export(cfg: DictConfig, output: str, image_size=None, opset: int = DEFAULT_OPSET) -> Path:
+    """`dinoseg export`: the configured detector with its trained head (`head=`) as one ONNX file of a fixed input
+    size (`--size`, default `transforms.eval.size` square), with the preprocessing, `decoder_head.topk`,
+    `eval.score_threshold` and the validation set's categories in its metadata."""
+    output = check_output_path(output)  # before minutes of loading a large backbone
+    model = load_detector(cfg, torch.device("cpu"))
+    num_classes = model.class_embed[0].out_features
+    label_to_category, names, colours = categories(cfg, num_classes)
+    ids = [(label_to_category or {}).get(k, None if label_to_category else k) for k in range(num_classes)]
+    if image_size is None:
+        patch = model.backbone.strides[0]
+        side = -(-cfg.transforms.eval.size // patch) * patch
+        image_size = (side, side)
+    check_image_sizes(model, {"--size": (min(image_size), cfg.decoder_head.num_queries_one2one)})
+    t = cfg.transforms
+    metadata = deployment_metadata(
+        mean=tuple(t.mean), std=tuple(t.std), topk=cfg.decoder_head.topk, score_threshold=cfg.eval.score_threshold,
+        category_ids=ids, category_names=[None if c is None else names.get(c, str(c)) for c in ids],
+        colours=[list(colours.get(c, (200, 200, 200))) for c in ids])
+    path = export_onnx(model, output, image_size=image_size, opset=opset, metadata=metadata)
+    print(f"wrote {path}")
+    return path
 
 
 def run_demo(cfg: DictConfig) -> dict:
@@ -208,16 +247,15 @@ def main(command: str, cfg: DictConfig, args) -> int:
     elif command == "eval":
         run_eval(cfg)
     elif command == "predict":
-        if getattr(args, "onnx", None):
-            raise ConfigError("predict --onnx: exported detectors are not supported yet")
-        run_predict(cfg, args.input, args.output)
+        run_predict(cfg, args.input, args.output, onnx=getattr(args, "onnx", None))
     elif command == "demo":
         run_demo(cfg)
     elif command == "check-data":
         return run_check_data(cfg, args.split)
     elif command == "export":
-        raise ConfigError("export: exporting a detector to ONNX is not supported yet")
+        run_export(cfg, args.output, args.size, args.opset)
     return 0
 
 
-__all__ = ["DEMO_CONFIG", "NAME", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
+__all__ = ["DEMO_CONFIG", "NAME", "ONNX_FORMAT", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_export",
+           "run_predict"]
