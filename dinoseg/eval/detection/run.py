@@ -254,6 +254,8 @@ def main(command: str, cfg: DictConfig, args) -> int:
         return run_check_data(cfg, args.split)
     elif command == "export":
         run_export(cfg, args.output, args.size, args.opset)
+    else:  # a command the parser knows and this task does not: never a silent success
+        raise ConfigError(f"dinoseg {command}: the detection task has no such command")
     return 0
 
 
