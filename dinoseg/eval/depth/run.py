@@ -25,7 +25,6 @@ from .models.released import RELEASED_DEPTHERS, dpt_depther_config, head_locatio
 from .official_config import DEPTH
 from .setup import build_model_with_head, build_test_dataset, evaluation_settings, result_config
 from .train import dataset_name, evaluation_loader_of, train_depth
-from .transforms import LeftRightFlipAug, make_depth_eval_transforms
 from .visualization_utils import depth_tensor_to_colorized_pil
 
 logger = logging.getLogger("dinoseg")
@@ -101,6 +100,8 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None) -> 
     """Depth maps of images: `<name>_depth.png` (16-bit, millimetres) and `<name>_color.png` (colour-mapped over the
     image's own depth range), at the image's size, with flip TTA per `eval.use_tta`. An unreadable image is
     reported and skipped; the others are still processed, then the command fails naming every image it skipped."""
+    from .transforms import LeftRightFlipAug, make_depth_eval_transforms  # torchvision, imported where used
+
     device = distributed.setup(cfg.device)
     images = list_images(inputs, Path(output))
     if model is None:
