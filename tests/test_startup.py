@@ -77,7 +77,8 @@ def test_the_hub_lists_every_entry_point_of_its_modules():
 
 def test_using_one_name_imports_only_what_it_needs():
     run, imported = run_importing("-c", "import dinoseg; dinoseg.dinov3_vits16; dinoseg.build_segmentation_decoder; "
-                                        "dinoseg.make_dataset; dinoseg.SegmentationConfig")
+                                        "dinoseg.dinov3_vitl16_chmv2; dinoseg.dinov3_vit7b16_de; dinoseg.make_dataset; "
+                                        "dinoseg.SegmentationConfig; dinoseg.DepthConfig")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "torch" in imported and not heavy(imported)
 
@@ -110,10 +111,11 @@ def test_a_config_error_imports_no_heavy_module():
     assert not heavy(imported)
 
 
-def test_check_data_runs_without_torchvision(tmp_path):
-    run, imported = run_importing("-m", "dinoseg.cli", "check-data", "demo.yaml", "--split", "val")
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_depth.yaml"])
+def test_check_data_runs_without_heavy_imports(config):
+    run, imported = run_importing("-m", "dinoseg.cli", "check-data", config, "--split", "val")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "dinoseg.data.check" in imported and not heavy(imported)
+    assert "dinoseg.data.datasets" in imported and not heavy(imported)
 
 
 def test_the_depth_config_checks_the_fixed_crops_the_transforms_take():
