@@ -33,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides (head=PATH required)")
     p.add_argument("--input", "-i", nargs="+", required=True, help="image files or folders")
     p.add_argument("--output", "-o", required=True, help="output folder")
-    p.add_argument("--onnx", metavar="FILE", help="run this exported segmentor (no config: settings from the file)")
-    p = sub.add_parser("export", help="export a trained segmentor (head=PATH) to one ONNX file")
+    p.add_argument("--onnx", metavar="FILE", help="run this exported model (no config: task and settings from the file)")
+    p = sub.add_parser("export", help="export a trained model (head=PATH) to one ONNX file")
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides (head=PATH required)")
     p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="fixed input size (default: dynamic)")
@@ -43,6 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help="YAML files and key=value overrides")
     p.add_argument("--split", choices=["train", "val"], default="train")
     return parser
+
+
+def onnx_runner(path: str):
+    """The runner of the task that exported `path`, told by the file's metadata `format`."""
+    from .engine.export import ExportError, decode_metadata, read_onnx_metadata, require_packages
+
+    require_packages("onnxruntime", purpose="predict --onnx")
+    props = read_onnx_metadata(path)
+    fmt = decode_metadata(path, {"format": props["format"]})["format"] if "format" in props else None
+    runners = {getattr(task_runner(name), "ONNX_FORMAT", None): task_runner(name) for name in TASKS}
+    if fmt not in runners or fmt is None:
+        known = ", ".join(sorted(f for f in runners if f))
+        raise ExportError(f"{path}: not a dinoseg export (metadata format is {fmt!r}; expected one of {known})")
+    return runners[fmt]
 
 
 def load(items: list[str], command: str):
@@ -104,16 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     from .data.io import DatasetError
     from .engine import distributed
     from .engine.config import ConfigError
+    from .engine.export import ExportError
     from .engine.optim import TrainingError
-    from .eval.segmentation.export import ExportError
     from .models.checkpoint import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[_AboveBars()])
     try:
-        if getattr(args, "onnx", None):  # an exported segmentor carries its own settings
+        if getattr(args, "onnx", None):  # an exported model carries its task and settings
             if args.config:
                 raise ConfigError(f"predict --onnx takes its settings from {args.onnx}; drop {' '.join(args.config)}")
-            return task_runner("segmentation").main(args.command, None, args)
+            return onnx_runner(args.onnx).main(args.command, None, args)
         runner, cfg = load(args.config, args.command)
         return runner.main(args.command, cfg, args)
     except (ConfigError, CheckpointError, DatasetError, TrainingError, ExportError, OSError) as e:

@@ -240,7 +240,7 @@ def test_bad_depth_inputs_give_one_line_errors(depth_run, tmp_path, capsys, monk
     assert "head: a head checkpoint is required" in error_of(capsys, ["eval", config, "head=null", eval_out])
     assert "head checkpoint not found" in error_of(capsys, ["eval", config, f"head={tmp_path / 'no.pth'}", eval_out])
     line = error_of(capsys, ["eval", config, f"head={depth_run / LAST}", "decoder_head.type=dpt", eval_out])
-    assert f"{depth_run / LAST}: does not fit DPTHead" in line
+    assert f"{depth_run / LAST}: this is a linear depth head but the config has decoder_head.type=dpt" in line
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     line = error_of(capsys, ["eval", config, "head=dinov3_vit7b16_dd", eval_out])
     assert "dinov3_vit7b16_synthmix_dpt_head-02040be1.pth" in line and "never downloads" in line

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dinoseg.cli import main
+from dinoseg.engine import export as engine_export
 from dinoseg.engine.checkpoint import LAST
 from dinoseg.eval.segmentation import export as export_module
 from dinoseg.eval.segmentation.config import load_config
@@ -28,6 +29,8 @@ from dinoseg.models.frozen import head_state_dict
 from dinoseg.models.vision_transformer import DinoVisionTransformer
 
 from .engine_utils import TINY, tiny
+from .test_convnext_train import CONVNEXT_TINY
+from .test_run_safety import error_of, snapshot
 
 TINY_VIT = dict(patch_size=16, embed_dim=32, depth=4, num_heads=2, n_storage_tokens=4, layerscale_init=1e-5,
                 mask_k_bias=True, pos_embed_rope_dtype="fp32")
@@ -85,6 +88,7 @@ def test_metadata_round_trips(linear):
     assert {k: props[k] for k in expected} == expected
     assert props["class_names"] == NAMES and props["palette"] == PALETTE and props["mean"] == [0.5, 0.4, 0.3]
     assert props["decoder"] == "linear" and props["num_classes"] == 5 and props["size_multiple"] == 16
+    assert props["format"] == "dinoseg-segmentor/1" and props["task"] == "segmentation" and props["patch_size"] == 16
     assert props["input_size"] == "dynamic" and props["opset"] == 18
     assert props["outputs"] == ["class_scores", "patch_logits"]
 
@@ -150,7 +154,7 @@ def test_a_dynamic_size_that_cannot_be_exact_falls_back_to_the_slide_crop(tmp_pa
 def test_a_graph_that_fails_verification_is_never_written(tmp_path, monkeypatch):
     path = tmp_path / "segmentor.onnx"
     path.write_bytes(b"previous export")
-    monkeypatch.setattr(export_module, "VERIFY_TOLERANCE", -1.0)  # no difference is small enough
+    monkeypatch.setattr(engine_export, "VERIFY_TOLERANCE", -1.0)  # no difference is small enough
     with pytest.raises(ExportError, match="output class_scores: onnxruntime differs from PyTorch"):
         export_onnx(linear_segmentor(), path, image_size=(48, 48), metadata=deployment_metadata(**METADATA))
     assert path.read_bytes() == b"previous export"
@@ -170,6 +174,8 @@ def test_a_graph_that_fails_verification_is_never_written(tmp_path, monkeypatch)
         (linear_segmentor, dict(metadata=deployment_metadata(class_names=["a", "b"])),
          "metadata class_names has 2 entries; the segmentor has 5 classes"),
         (linear_segmentor, dict(metadata={**deployment_metadata(), "note": object()}), "JSON-serialisable"),
+        (linear_segmentor, dict(metadata=deployment_metadata(palette=[[0, 0, 0]] * 6)),
+         "metadata palette has 6 entries; the segmentor has 5 classes"),
     ],
 )
 def test_refusals_name_the_problem_and_write_nothing(tmp_path, make, kwargs, message):
@@ -185,7 +191,7 @@ def test_missing_extras_give_the_install_hint(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
     code = main(["predict", "--onnx", str(tmp_path / "s.onnx"), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o")])
     assert code == 2
-    assert capsys.readouterr().err == ("dinoseg: error: running an ONNX segmentor needs the optional package(s) "
+    assert capsys.readouterr().err == ("dinoseg: error: predict --onnx needs the optional package(s) "
                                        "onnxruntime: pip install 'dinoseg[export]'\n")
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(ExportError, match=r"^exporting to ONNX needs the optional package\(s\) onnxruntime, onnxscript: "
@@ -205,12 +211,12 @@ def test_a_torch_too_old_to_export_the_head_is_refused_in_one_line(tmp_path, mon
         export_onnx(model, tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(torch, "__version__", needed + ".0")  # the oldest one that works gets past the check
-    export_module._check_torch_version(decoder)
+    engine_export.check_torch_version(export_module.MIN_TORCH[decoder], name)
 
 
 def test_exporter_messages_lose_their_colours():
     e = RuntimeError("Failed to export. \x1b[96mThis is step 1/3\x1b[0m of exporting.\nmore")
-    assert export_module._first_line(e) == "Failed to export. This is step 1/3 of exporting."
+    assert engine_export.first_line(e) == "Failed to export. This is step 1/3 of exporting."
 
 
 def test_predict_onnx_refuses_config_arguments(tmp_path, capsys):
@@ -288,11 +294,11 @@ def test_export_restores_the_deformable_attention_implementation(tmp_path, monke
     attns = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
     seen = []
 
-    def fake_write(module, *args):
+    def fake_write(module, *args, **kwargs):
         seen.extend(m.impl for m in attns)
         raise ExportError("stop")
 
-    monkeypatch.setattr(export_module, "_write", fake_write)
+    monkeypatch.setattr(export_module, "write_onnx", fake_write)
     with pytest.raises(ExportError, match="stop"):
         export_onnx(model, tmp_path / "x.onnx")
     assert attns and set(seen) == {"grid_sample"} and {m.impl for m in attns} == {"auto"}
@@ -319,3 +325,153 @@ def test_m2f_predict_onnx_writes_the_same_masks_as_predict(m2f, tmp_path):
     assert main(["predict", *config, "-i", str(images), "-o", str(tmp_path / "torch")]) == 0
     assert main(["predict", "--onnx", str(path), "-i", str(images), "-o", str(tmp_path / "onnx")]) == 0
     assert_same_outputs(tmp_path / "torch", tmp_path / "onnx")
+
+
+# -- what a hostile user tries (issue 20) ----------------------------------------------------------------------
+
+
+def test_bad_output_paths_are_one_line_naming_them_and_leave_the_run_untouched(trained_head, tmp_path, capsys):
+    """Row 9: each named a temporary file or a rename instead of the path given. Checked before the model loads."""
+    run = trained_head.parent
+    before = snapshot(run)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "somedir").mkdir()
+    config = [str(run / "segmentation_config.yaml"), f"head={trained_head}"]
+    for target, message in (
+        ("/proc/x.onnx", "/proc/x.onnx: cannot write in /proc ("),
+        (f"{tmp_path}/file/x.onnx", f"{tmp_path}/file/x.onnx: cannot create it, {tmp_path}/file is not a directory"),
+        (f"{tmp_path}/somedir", f"{tmp_path}/somedir: is a directory; name the .onnx file to write"),
+        (str(run / LAST), f"{run / LAST}: the exported file must end in .onnx"),  # a typo must not replace the head
+    ):
+        assert error_of(capsys, ["export", *config, "-o", target]).startswith(f"dinoseg: error: {message}")
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["file", "somedir"]
+
+
+def test_a_failed_export_leaves_the_run_byte_identical(trained_head, tmp_path, capsys, monkeypatch):
+    # Into a folder of the run that does not exist yet: created only once the graph is verified.
+    run = trained_head.parent
+    before = snapshot(run)
+    monkeypatch.setattr(engine_export, "VERIFY_TOLERANCE", -1.0)  # no difference is small enough
+    line = error_of(capsys, ["export", str(run / "segmentation_config.yaml"), f"head={trained_head}", "--size", "48", "48",
+                             "-o", str(run / "deploy" / "x.onnx")])
+    assert "output class_scores: onnxruntime differs from PyTorch" in line
+    assert snapshot(run) == before and not (run / "deploy").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def _with_metadata(source, target, **changes):
+    """A copy of an exported file with some metadata values replaced (JSON text) or removed (None)."""
+    model = onnx.load(str(source))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(changes)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        if value is not None:
+            model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(target))
+    return target
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(class_names='["a", "b"]'), """metadata class_names is ['a', 'b']; expected null or one entry per class (5)"""),
+    (dict(palette="[[0, 0, 0]]"), "metadata palette is [[0, 0, 0]]; expected null or one entry per class (5)"),
+    (dict(palette=json.dumps([[0, 0, 300]] * 5)), "metadata palette is [[0, 0, 300], "),
+    (dict(num_classes="6"), "metadata num_classes is 6; expected the 5 channels of the graph's class_scores"),
+    (dict(mean=None), "metadata lacks mean"),
+    (dict(crop_size="48,"), "metadata crop_size is not JSON ('48,')"),
+    (dict(inference_mode='"sliding"'), """metadata inference_mode is 'sliding'; expected "whole" or "slide\""""),
+    (dict(input_size="[48]"), """metadata input_size is [48]; expected "dynamic" or [H, W]"""),
+    (dict(tta_ratios="[]"), "metadata tta_ratios is []; expected a list of positive numbers"),
+    (dict(format='"dinoseg-segmentor/9"'), "not a dinoseg export (metadata format is 'dinoseg-segmentor/9'; expected one of"),
+])
+def test_predict_onnx_checks_the_metadata(linear, tmp_path, capsys, changes, message):
+    """Row 14: 2 class names for 5 classes were accepted. Each problem is one line naming the file and the key."""
+    _, path = linear
+    bad = _with_metadata(path, tmp_path / "bad.onnx", **changes)
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
+    line = error_of(capsys, ["predict", "--onnx", str(bad), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")])
+    assert line.startswith(f"dinoseg: error: {bad}: {message}"), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_onnx_refuses_files_that_are_not_exports(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
+    args = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    (tmp_path / "text.onnx").write_text("no protobuf at all\n" * 3)
+    assert error_of(capsys, ["predict", "--onnx", str(tmp_path / "text.onnx"), *args]) == (
+        f"dinoseg: error: {tmp_path / 'text.onnx'}: not an ONNX file")
+    assert error_of(capsys, ["predict", "--onnx", str(tmp_path / "none.onnx"), *args]) == (
+        f"dinoseg: error: {tmp_path / 'none.onnx'}: ONNX file not found")
+
+
+def test_heads_of_another_head_type_are_named(trained_head, tmp_path, capsys):
+    """Row 11 (segmentation side): a linear head given to a Mask2Former config, with and without the run's config
+    in the checkpoint."""
+    run = trained_head.parent
+    config = [str(run / "segmentation_config.yaml"), "decoder_head.type=m2f", "-o", str(tmp_path / "x.onnx")]
+    line = error_of(capsys, ["export", *config[:2], f"head={trained_head}", *config[2:]])
+    assert line == (f"dinoseg: error: {trained_head}: this is a linear segmentation head but the config has "
+                    f"decoder_head.type=m2f: set decoder_head.type=linear (or use the run's own config)")
+    bare = tmp_path / "bare.pth"  # the weights alone, as in a released head file
+    torch.save(torch.load(trained_head, weights_only=True)["model"], bare)
+    line = error_of(capsys, ["export", *config[:2], f"head={bare}", *config[2:]])
+    assert line == f"dinoseg: error: {bare}: this is a linear head but the config has decoder_head.type=m2f: " \
+                   f"set decoder_head.type=linear"
+    torch.save({"decoder.conv.weight": torch.zeros(4, 8, 1, 1)}, bare)
+    line = error_of(capsys, ["export", *config[:2], f"head={bare}", *config[2:]])
+    assert line == (f"dinoseg: error: {bare}: not a segmentation head (no linear or Mask2Former head keys; it holds 1 "
+                    f"tensors: decoder.conv.weight)")
+
+
+def test_a_missing_released_segmentor_names_the_command_line_key(tmp_path, capsys, monkeypatch):
+    """Row 10 (segmentation side): `head=dinov3_vit7b16_ms` without the file said "pass weights=<path>"."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    line = error_of(capsys, ["export", *TINY, "head=dinov3_vit7b16_ms", "-o", str(tmp_path / "x.onnx")])
+    assert "dinov3_vit7b16_ade20k_m2f_head" in line and "pass head=<path>" in line and "weights=" not in line
+
+
+# -- ConvNeXt --------------------------------------------------------------------------------------------------
+
+CONVNEXT = CONVNEXT_TINY  # a ConvNeXt-T with one block per stage, widths 8 to 32
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_convnext_linear_export_predicts_as_pytorch(tmp_path, capsys, mode):
+    """Row 8: "the backbone side has no integer `patch_size`". A ConvNeXt has no patch grid: the graph takes any
+    size (from 32 pixels) and its logits live on the first chosen stage's grid."""
+    config = [*CONVNEXT, "decoder_head.backbone_out_layers=FOUR_EVEN_INTERVALS", "decoder_head.num_classes=6",
+              f"eval.mode={mode}"]
+    torch.manual_seed(0)
+    model = build_model(load_config([], config), 6)
+    with torch.no_grad():
+        model.segmentation_model[1].conv.weight.normal_(0, 1.0)
+    torch.save({"model": head_state_dict(model)}, tmp_path / "head.pth")
+    config.append(f"head={tmp_path / 'head.pth'}")
+    images = _images(tmp_path / "in", [(64, 64), (50, 90), (97, 61)])
+    onnx_file = tmp_path / "convnext.onnx"
+    assert main(["export", *config, "-o", str(onnx_file)]) == 0
+    meta = OnnxSegmentor(onnx_file).metadata
+    assert (meta["patch_size"], meta["size_multiple"], meta["input_size"]) == (None, 1, "dynamic")
+    assert main(["predict", *config, "-i", str(images), "-o", str(tmp_path / "torch")]) == 0
+    assert main(["predict", "--onnx", str(onnx_file), "-i", str(images), "-o", str(tmp_path / "onnx")]) == 0
+    assert_same_outputs(tmp_path / "torch", tmp_path / "onnx")
+
+
+def test_convnext_m2f_export_matches_pytorch(tmp_path):
+    """Mask2Former on a ConvNeXt's stages: the pyramid pads the 48 x 48 crops to 64 inside the graph and crops each
+    level back. (A fixed size keeps the suite fast: the dynamic export, verified at two sizes, takes about four
+    times as long; `benchmarks/export_onnx.py` runs it.)"""
+    torch.manual_seed(0)
+    m2f = [item for item in M2F[len(TINY):] if ".adapter." not in item]  # a ConvNeXt has no adapter
+    model = build_model(load_config([], [*CONVNEXT, *m2f]), 6).eval()
+    with torch.no_grad():
+        model.segmentation_model[1].predictor.class_embed.weight.mul_(20)
+    metadata = deployment_metadata(**{**METADATA, "class_names": None, "palette": None})
+    path = export_onnx(model, tmp_path / "m2f.onnx", image_size=(48, 48), metadata=metadata)
+    onnx_model = OnnxSegmentor(path)
+    assert (onnx_model.decoder, onnx_model.input_size, onnx_model.patch_size) == ("m2f", (48, 48), None)
+    for batch, size in ((2, (48, 48)), (1, (40, 101))):
+        x = torch.randn(batch, 3, 48, 48)
+        assert_close(_class_scores(onnx_model.predict(x, rescale_to=size)), _class_scores(model.predict(x, rescale_to=size)))

@@ -2,6 +2,7 @@
 
 import logging
 import random
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,8 +263,39 @@ class Checkpoints:
                                  f"{self.out / LAST}; continue with the same command and train.resume=auto (or true)")
 
 
-def read_head_weights(path: str) -> dict[str, torch.Tensor]:
-    """A head checkpoint for eval/predict: ours ({'model': ...}), the official `model_final.pth` or safetensors."""
+def read_head_weights(path: str, *, task: str | None = None, head_type: str | None = None) -> dict[str, torch.Tensor]:
+    """A head checkpoint for eval/predict/export: ours ({'model': ...}), the official `model_final.pth` or
+    safetensors. One of ours records its run's config: a head trained for another task or another head type than
+    `task` / `head_type` (the config's `decoder_head.type`) is refused in one line naming both."""
     if not Path(path).exists():
         raise CheckpointError(f"{path}: head checkpoint not found")
+    origin = head_origin(path) if task is not None else None
+    if origin is not None:
+        their_task, their_type = origin
+        if their_task != task:
+            raise CheckpointError(f"{path}: this is a {their_task} head (decoder_head.type={their_type}), not a {task} "
+                                  f"head: use it with a {their_task} config (task={their_task})")
+        if head_type is not None and their_type is not None and their_type != head_type.lower():
+            raise CheckpointError(f"{path}: this is a {their_type} {task} head but the config has decoder_head.type="
+                                  f"{head_type}: set decoder_head.type={their_type} (or use the run's own config)")
     return load_state_dict_file(path)
+
+
+def head_origin(path: str) -> tuple[str, str | None] | None:
+    """(task, decoder_head.type) of the run that wrote a dinoseg checkpoint, from the config it carries; None for
+    head files without one (official and released heads, safetensors)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    obj = read_torch_file(path, mmap=zipfile.is_zipfile(path))
+    text = obj.get("config") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        config = OmegaConf.create(text)
+    except Exception:  # not our config: nothing to tell
+        return None
+    if not isinstance(config, DictConfig):
+        return None
+    head_type = OmegaConf.select(config, "decoder_head.type", default=None)
+    return str(config.get("task", "segmentation")), None if head_type is None else str(head_type).lower()

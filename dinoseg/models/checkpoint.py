@@ -236,13 +236,14 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict, source: str = "s
     return module
 
 
-def find_in_hub_cache(filename: str, description: str, url: str) -> Path:
-    """A released file in the torch hub cache; dinoseg never downloads one unless given its https URL."""
+def find_in_hub_cache(filename: str, description: str, url: str, *, key: str = "weights") -> Path:
+    """A released file in the torch hub cache; dinoseg never downloads one unless given its https URL. `key`: the
+    argument (or command-line key) that takes the file instead, for the message."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not cached.exists():
         raise CheckpointError(
             f"{cached}: {description} not found; dinoseg never downloads implicitly: download it from Meta "
-            f"(e.g. {url}) and pass weights=<path>, or pass the https URL explicitly"
+            f"(e.g. {url}) and pass {key}=<path>, or pass the https URL explicitly"
         )
     return cached
 

@@ -92,3 +92,16 @@ def in_weights_precision(method):
             return method(self, x, *args, **kwargs)
 
     return wrapper
+
+
+# torch.export turns an autocast region into a higher-order op (`wrap_with_autocast`; a grad-mode region too, unless
+# the export already runs under no_grad), which the ONNX exporter's decomposition traces a second time. An
+# exported graph computes in float32 with autocast off, so a region that disables autocast is left out while
+# exporting.
+
+
+def autocast_region(device_type: str, dtype: torch.dtype | None = None, enabled: bool = True):
+    """`torch.autocast(device_type, dtype, enabled)`; a disabled region is no context while torch.export traces."""
+    if not enabled and torch.compiler.is_exporting():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)

@@ -17,10 +17,12 @@ from ...data.depth_check import check_depth_dataset, format_depth_report
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError
+from ...engine.export import DEFAULT_OPSET, check_output_path
 from ...engine.predict import list_images, predict_images
 from ...engine.rundir import prepare_output_dir
 from .config import DepthConfig, config_from_layers
 from .eval import RESULTS_FILENAME, evaluate_depth_model, format_results, write_results
+from .export import FORMAT, deployment_metadata, export_onnx
 from .models.released import RELEASED_DEPTHERS, dpt_depther_config, head_location
 from .official_config import DEPTH
 from .setup import build_model_with_head, build_test_dataset, evaluation_settings, result_config
@@ -33,6 +35,7 @@ NAME = "depth"
 SCHEMA = DepthConfig
 DEMO_CONFIG = "demo_depth.yaml"
 OFFICIAL = DEPTH  # the official config schema's depth keys
+ONNX_FORMAT = FORMAT  # the metadata `format` of the files `dinoseg export` writes (`predict --onnx` picks the task by it)
 
 
 def _use_released(cfg: DictConfig, name: str) -> str:
@@ -41,7 +44,7 @@ def _use_released(cfg: DictConfig, name: str) -> str:
     OmegaConf.update(cfg, "model.dino_hub", backbone, merge=False)
     for key, value in dataclasses.asdict(dpt_depther_config(backbone)).items():
         OmegaConf.update(cfg, f"decoder_head.{key}", value, merge=False)
-    return head_location(backbone, weights, weights)
+    return head_location(backbone, weights, weights, key="head")
 
 
 def load_depther(cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -52,7 +55,8 @@ def load_depther(cfg: DictConfig, device: torch.device) -> nn.Module:
         raise ConfigError(f"head: a head checkpoint is required (head=PATH, or head={next(iter(RELEASED_DEPTHERS))})")
     if head in RELEASED_DEPTHERS:
         head = _use_released(cfg, head)
-    weights = read_head_weights(head)  # read (and checked) before an expensive backbone is built
+    # Read (and checked) before an expensive backbone is built.
+    weights = read_head_weights(head, task=NAME, head_type=str(cfg.decoder_head.type))
     return build_model_with_head(cfg, weights, source=str(head)).to(device).eval()
 
 
@@ -95,27 +99,40 @@ def depth_to_png16(depth: torch.Tensor) -> tuple[np.ndarray, int]:
     return mm.clamp(1, 65535).to(torch.int32).numpy().astype(np.uint16), clipped
 
 
+def _eval_image_size(cfg: DictConfig):
+    size = cfg.transforms.eval.img_size
+    return size if size is None or isinstance(size, int) else tuple(size)
+
+
 @torch.no_grad()
-def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None) -> list[Path]:
+def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=None, *, onnx: str | None = None) -> list[Path]:
     """Depth maps of images: `<name>_depth.png` (16-bit, millimetres) and `<name>_color.png` (colour-mapped over the
     image's own depth range), at the image's size, with flip TTA per `eval.use_tta`. An unreadable image is
-    reported and skipped; the others are still processed, then the command fails naming every image it skipped."""
+    reported and skipped; the others are still processed, then the command fails naming every image it skipped.
+    `onnx`: an exported depther run by onnxruntime on the CPU, with the settings in its metadata (then no `cfg`)."""
     from .transforms import LeftRightFlipAug, make_depth_eval_transforms  # torchvision, imported where used
 
-    device = distributed.setup(cfg.device)
     images = list_images(inputs, Path(output))
-    if model is None:
-        model = load_depther(cfg, device)
-    t = cfg.transforms
-    size = t.eval.img_size if t.eval.img_size is None or isinstance(t.eval.img_size, int) else tuple(t.eval.img_size)
-    # The whole image (no fixed crop); the depth passed along is a placeholder.
-    transform = make_depth_eval_transforms(img_size=size, mean=tuple(t.mean), std=tuple(t.std))
-    flip = LeftRightFlipAug(flip=bool(cfg.eval.use_tta))
+    if onnx:
+        from .onnx_runtime import OnnxDepther
+
+        device = torch.device("cpu")
+        model = OnnxDepther(onnx)
+        transform, use_tta = model.eval_transforms(), model.flip
+    else:
+        device = distributed.setup(cfg.device)
+        if model is None:
+            model = load_depther(cfg, device)
+        # The whole image (no fixed crop); the depth passed along is a placeholder.
+        t = cfg.transforms
+        transform = make_depth_eval_transforms(img_size=_eval_image_size(cfg), mean=tuple(t.mean), std=tuple(t.std))
+        use_tta = bool(cfg.eval.use_tta)
+    flip = LeftRightFlipAug(flip=use_tta)
 
     def estimate(raw: torch.Tensor, name: Path) -> list[Path]:
         (image,), _ = transform(raw, torch.zeros(1, *raw.shape[-2:]))
         x = image.unsqueeze(0).to(device)
-        views = torch.cat([x, torch.flip(x, dims=[-1])]) if cfg.eval.use_tta else x
+        views = torch.cat([x, torch.flip(x, dims=[-1])]) if use_tta else x
         depth = flip.inverse(model(views).float())
         depth = F.interpolate(depth, size=tuple(raw.shape[-2:]), mode="bilinear", align_corners=False)[0, 0].cpu()
         mm, clipped = depth_to_png16(depth)
@@ -127,6 +144,20 @@ def run_predict(cfg: DictConfig, inputs: list[str], output: str, model=None) -> 
         return targets
 
     return predict_images(images, output, estimate)
+
+
+def run_export(cfg: DictConfig, output: str, image_size=None, opset: int = DEFAULT_OPSET) -> Path:
+    """`dinoseg export`: the configured depther with its trained head (`head=`) as one ONNX file, with the
+    preprocessing and the flip TTA of `dinoseg predict` in its metadata."""
+    output = check_output_path(output)  # before minutes of loading a large backbone
+    model = load_depther(cfg, torch.device("cpu"))
+    t = cfg.transforms
+    size = _eval_image_size(cfg)
+    metadata = deployment_metadata(mean=tuple(t.mean), std=tuple(t.std), img_size=list(size) if isinstance(size, tuple) else size,
+                                   flip=bool(cfg.eval.use_tta))
+    path = export_onnx(model, output, image_size=image_size, opset=opset, metadata=metadata)
+    print(f"wrote {path}")
+    return path
 
 
 class ConstantDepth(nn.Module):
@@ -192,19 +223,24 @@ def run_check_data(cfg: DictConfig, split: str) -> int:
     return 0 if report.ok else 1
 
 
-def main(command: str, cfg: DictConfig, args) -> int:
-    """Run one `dinoseg` subcommand on a loaded depth config."""
+def main(command: str, cfg: DictConfig | None, args) -> int:
+    """Run one `dinoseg` subcommand on a loaded depth config (none for `predict --onnx`)."""
     if command == "train":
         train_depth(cfg)
     elif command == "eval":
         run_eval(cfg)
     elif command == "predict":
-        run_predict(cfg, args.input, args.output)
+        run_predict(cfg, args.input, args.output, onnx=args.onnx)
+    elif command == "export":
+        run_export(cfg, args.output, args.size, args.opset)
     elif command == "demo":
         run_demo(cfg)
     elif command == "check-data":
         return run_check_data(cfg, args.split)
+    else:  # a command the parser knows and this task does not: never a silent success
+        raise ConfigError(f"dinoseg {command}: the depth task has no such command")
     return 0
 
 
-__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
+__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "ONNX_FORMAT", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval",
+           "run_export", "run_predict"]

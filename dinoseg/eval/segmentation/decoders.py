@@ -82,3 +82,11 @@ def resolve_num_classes(head: DictConfig, *, head_state_dict: dict | None = None
         if value is not None:
             return int(value)
     raise ConfigError("decoder_head.num_classes: cannot infer it from the head checkpoint or the dataset; set it")
+
+
+def head_type_of(head_state_dict: dict) -> DecoderType | None:
+    """The segmentation head a checkpoint holds, from its keys (None: neither a linear nor a Mask2Former head)."""
+    for kind, entry in DECODERS.items():
+        if entry.num_classes(head_state_dict) is not None:
+            return kind
+    return None

@@ -6,21 +6,18 @@ logits, or the Mask2Former `pred_logits` / `pred_masks` dict when resizing), so 
 preprocessing and inference settings come from the file's metadata: `eval_transforms()`, `inference_settings()`.
 """
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .export import FORMAT, INPUT, SCORES, ExportError, require_packages
+from ...engine.onnx_runtime import OnnxModel
+from .export import FORMAT, HEAD_OUTPUTS, REQUIRED_METADATA, SCORES
 from .inference import InferenceMode, InferenceSettings
 from .transforms import SegmentationTransform, make_single_view_eval_transforms
 
 __all__ = ["OnnxSegmentor"]
 
 
-class OnnxSegmentor(nn.Module):
+class OnnxSegmentor(OnnxModel):
     """An exported segmentor on onnxruntime (CPU by default); a module without parameters, so the inference
     functions keep their accumulators on the input's device.
 
@@ -30,75 +27,71 @@ class OnnxSegmentor(nn.Module):
         providers: onnxruntime execution providers.
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, providers=("CPUExecutionProvider",)):
-        super().__init__()
-        (ort,) = require_packages("onnxruntime", purpose="running an ONNX segmentor")
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: ONNX file not found")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as e:
-            raise ExportError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
-        props = self.session.get_modelmeta().custom_metadata_map
-        if json.loads(props.get("format", "null")) != FORMAT:
-            raise ExportError(f"{path}: not a dinoseg segmentor export (metadata format is {props.get('format')!r}, "
-                              f"expected {FORMAT!r})")
-        try:
-            self.metadata = {k: json.loads(v) for k, v in props.items()}
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{path}: metadata is not JSON ({e})") from None
+    FORMAT = FORMAT
+    KIND = "segmentor"
+    REQUIRED_METADATA = (*REQUIRED_METADATA, "decoder", "num_classes")
+
+    def check_metadata(self) -> None:
+        """Every value the runtime reads, checked against the graph: one line naming the key at fault."""
         m = self.metadata
-        self.path = path
+        if m["decoder"] not in HEAD_OUTPUTS:
+            self.bad_metadata("decoder", m["decoder"], f"one of {sorted(HEAD_OUTPUTS)}")
         self.decoder = m["decoder"]
-        self.num_classes = int(m["num_classes"])
-        self.size_multiple = int(m["size_multiple"])
-        self.input_size = None if m["input_size"] == "dynamic" else tuple(m["input_size"])
+        self.num_classes = self._int(m, "num_classes")
+        channels = self.output_shape(SCORES)[1]
+        if isinstance(channels, int) and channels != self.num_classes:
+            self.bad_metadata("num_classes", self.num_classes, f"the {channels} channels of the graph's {SCORES}")
+        for key in ("class_names", "palette"):
+            value = m[key]
+            if value is not None and (not isinstance(value, list) or len(value) != self.num_classes):
+                self.bad_metadata(key, value, f"null or one entry per class ({self.num_classes})")
+        if m["palette"] is not None and not all(isinstance(c, list) and len(c) == 3 and
+                                                all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in m["palette"]):
+            self.bad_metadata("palette", m["palette"], "RGB triples of integers in [0, 255]")
+        if m["inference_mode"] not in ("whole", "slide"):
+            self.bad_metadata("inference_mode", m["inference_mode"], '"whole" or "slide"')
+        for key in ("crop_size", "stride"):
+            self._int(m, key)
+        if m["resize_short_side"] is not None:
+            self._int(m, "resize_short_side")
+        ratios = m["tta_ratios"]
+        if not (isinstance(ratios, list) and ratios and all(isinstance(r, (int, float)) and r > 0 for r in ratios)):
+            self.bad_metadata("tta_ratios", ratios, "a list of positive numbers")
+        if not isinstance(m["flip"], bool):
+            self.bad_metadata("flip", m["flip"], "true or false")
+        for key, n in (("mean", 3), ("std", 3)):
+            if not (isinstance(m[key], list) and len(m[key]) == n and all(isinstance(v, (int, float)) for v in m[key])):
+                self.bad_metadata(key, m[key], f"{n} numbers")
+        patch = m.get("patch_size", self.size_multiple)  # files written before `patch_size` was stored
+        if patch is not None and not (isinstance(patch, int) and patch > 0):
+            self.bad_metadata("patch_size", patch, "null or a positive integer")
+        self._patch_size = patch
         self.class_names = m["class_names"]
         self.palette = [tuple(c) for c in m["palette"]] if m["palette"] else None
 
     def extra_repr(self) -> str:
-        size = "dynamic" if self.input_size is None else f"{self.input_size[0]}x{self.input_size[1]}"
-        return f"{self.path.name}, {self.decoder}, {self.num_classes} classes, input size {size}"
-
-    def _check_size(self, x: torch.Tensor) -> None:
-        size = tuple(x.shape[-2:])
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"{self.path.name}: expected images [B, 3, H, W], got shape {list(x.shape)}")
-        if self.input_size is not None and size != self.input_size:
-            raise ValueError(f"{self.path.name} was exported for {self.input_size[0]}x{self.input_size[1]} inputs, "
-                             f"got {size[0]}x{size[1]}")
-        if any(s % self.size_multiple for s in size):
-            raise ValueError(f"{self.path.name}: input size {size[0]}x{size[1]} is not a multiple of "
-                             f"{self.size_multiple}")
-
-    def _run(self, x: torch.Tensor, names) -> list[torch.Tensor]:
-        feed = {INPUT: x.detach().to("cpu", torch.float32).contiguous().numpy()}
-        return [torch.from_numpy(out).to(x.device) for out in self.session.run(list(names), feed)]
+        return f"{super().extra_repr()}, {self.decoder}, {self.num_classes} classes"
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, rescale_to=(512, 512)):
         """The PyTorch segmentor's `predict(x, rescale_to)`: class scores [B, C, *rescale_to] (Mask2Former: the
         `pred_logits` / `pred_masks` dict when `rescale_to` is not the input size), on x's device."""
-        self._check_size(x)
+        self.check_size(x)
         rescale_to = tuple(int(s) for s in rescale_to)
         if rescale_to == tuple(x.shape[-2:]):
-            return self._run(x, [SCORES])[0]
+            return self.run(x, [SCORES])[0]
         # Resize the head output as the PyTorch heads do, not the full-resolution scores (a second resampling).
         if self.decoder == "linear":
-            (logits,) = self._run(x, ["patch_logits"])
+            (logits,) = self.run(x, ["patch_logits"])
             return F.interpolate(logits, size=rescale_to, mode="bilinear")
-        pred_logits, pred_masks = self._run(x, ["pred_logits", "pred_masks"])
+        pred_logits, pred_masks = self.run(x, ["pred_logits", "pred_masks"])
         masks = F.interpolate(pred_masks, size=rescale_to, mode="bilinear", align_corners=False)
         return {"pred_logits": pred_logits, "pred_masks": masks}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class scores at the input resolution (the graph's `class_scores`)."""
-        self._check_size(x)
-        return self._run(x, [SCORES])[0]
+        self.check_size(x)
+        return self.run(x, [SCORES])[0]
 
     def eval_transforms(self) -> SegmentationTransform:
         """uint8 image -> resized, normalised float image, as at export time."""
@@ -118,6 +111,8 @@ class OnnxSegmentor(nn.Module):
         )
 
     @property
-    def patch_size(self) -> int:
-        """The multiple a dynamic input size must be (whole-image inference rounds images up to it)."""
-        return self.size_multiple
+    def patch_size(self) -> int | None:
+        """The backbone's patch size (None: a ConvNeXt's stage grids), as the PyTorch segmentor's backbone side
+        gives it: whole-image inference rounds images up to it (32 when None), and slide inference pads crops to
+        multiples of it."""
+        return self._patch_size

@@ -14,14 +14,17 @@ from ...data.io import DatasetError
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError
+from ...engine.export import check_output_path
 from ...engine.predict import list_images, predict_images
 from ...engine.rundir import prepare_output_dir
 from ...engine.training import evaluation_loader
+from ...models.checkpoint import CheckpointError
 from .config import SegmentationConfig, config_from_layers
-from .decoders import resolve_num_classes
+from .decoders import head_type_of, resolve_num_classes
 from .eval import RESULTS_FILENAME, evaluate_segmentation_model, format_metrics_table, write_results
-from .export import DEFAULT_OPSET, deployment_metadata, export_onnx
+from .export import DEFAULT_OPSET, FORMAT, deployment_metadata, export_onnx
 from .inference import AccumulatorBuffer
+from .models import DecoderType
 from .models.released import SegmentorWeights, head_location
 from .official_config import SEGMENTATION
 from .setup import build_eval_transforms, build_model_with_head, build_val_dataset, inference_settings
@@ -33,6 +36,7 @@ NAME = "segmentation"
 SCHEMA = SegmentationConfig
 DEMO_CONFIG = "demo.yaml"
 OFFICIAL = SEGMENTATION  # the official config schema's segmentation keys
+ONNX_FORMAT = FORMAT  # the metadata `format` of the files `dinoseg export` writes (`predict --onnx` picks the task by it)
 
 # Released segmentors usable by name (`head=dinov3_vit7b16_ms`): the config they imply.
 HUB_SEGMENTORS = {
@@ -50,8 +54,17 @@ def load_segmentor(cfg: DictConfig, device: torch.device):
     if head_path in HUB_SEGMENTORS:
         for key, value in HUB_SEGMENTORS[head_path].items():
             OmegaConf.update(cfg, key, value, merge=False)
-        head_path = head_location(cfg.model.dino_hub, SegmentorWeights.ADE20K, released=True)
-    weights = read_head_weights(head_path)
+        head_path = head_location(cfg.model.dino_hub, SegmentorWeights.ADE20K, released=True, key="head")
+    configured = DecoderType(cfg.decoder_head.type)
+    weights = read_head_weights(head_path, task=NAME, head_type=configured.value)
+    found = head_type_of(weights)
+    if found is None:
+        keys = ", ".join(sorted(weights)[:3])
+        raise CheckpointError(f"{head_path}: not a segmentation head (no linear or Mask2Former head keys; it holds "
+                              f"{len(weights)} tensors: {keys}{', ...' if len(weights) > 3 else ''})")
+    if found is not configured:
+        raise CheckpointError(f"{head_path}: this is a {found.value} head but the config has decoder_head.type="
+                              f"{configured.value}: set decoder_head.type={found.value}")
     num_classes = resolve_num_classes(cfg.decoder_head, head_state_dict=weights)
     model = build_model_with_head(cfg, num_classes, str(head_path))
     return model.to(device).eval(), num_classes
@@ -184,11 +197,14 @@ def run_check_data(cfg: DictConfig, split: str) -> int:
 def run_export(cfg: DictConfig, output: str, image_size=None, opset: int = DEFAULT_OPSET) -> Path:
     """`dinoseg export`: the configured segmentor with its trained head (`head=`) as one ONNX file, with the
     preprocessing, inference settings, class names and palette in its metadata."""
+    output = check_output_path(output)  # before minutes of loading a large backbone
     model, num_classes = load_segmentor(cfg, torch.device("cpu"))
     palette, class_names = dataset_palette(cfg)
     if not palette or len(palette) < num_classes:
         palette = default_palette(num_classes)
     if class_names is not None and len(class_names) != num_classes:
+        logger.warning("export: the dataset names %d classes, the head has %d: exported without class names",
+                       len(class_names), num_classes)
         class_names = None
     settings = inference_settings(cfg)
     metadata = deployment_metadata(
@@ -215,7 +231,10 @@ def main(command: str, cfg: DictConfig | None, args) -> int:
         run_demo(cfg)
     elif command == "check-data":
         return run_check_data(cfg, args.split)
+    else:  # a command the parser knows and this task does not: never a silent success
+        raise ConfigError(f"dinoseg {command}: the segmentation task has no such command")
     return 0
 
 
-__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval", "run_predict"]
+__all__ = ["DEMO_CONFIG", "NAME", "OFFICIAL", "ONNX_FORMAT", "SCHEMA", "config_from_layers", "main", "run_demo", "run_eval",
+           "run_export", "run_predict"]

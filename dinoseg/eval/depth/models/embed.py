@@ -1,14 +1,13 @@
 """Adapting an input image to the backbone's patch size (official `CenterPadding` / `StretchToMultiple`)."""
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 def _round_up(size: int, multiple: int) -> int:
-    return math.ceil(size / multiple) * multiple
+    # Integer arithmetic only (no float division), so that an exported graph computes it from a symbolic size.
+    return (size + multiple - 1) // multiple * multiple
 
 
 class CenterPadding(nn.Module):
@@ -40,7 +39,7 @@ class StretchToMultiple(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *lead, h, w = x.shape
         size = (_round_up(h, self.multiple), _round_up(w, self.multiple))
-        if size == (h, w):
+        if not torch.compiler.is_exporting() and size == (h, w):  # traced: always resized (identity at scale 1)
             return x
         out = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=size, mode="bilinear")
         return out.reshape(*lead, *size)

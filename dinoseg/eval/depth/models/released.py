@@ -62,17 +62,18 @@ def chmv2_depther_config() -> DecoderConfig:
     )
 
 
-def head_location(backbone_name: str, weights, default: DepthWeights) -> str:
-    """A `DepthWeights` member (or its name) -> the released file in the torch hub cache; else a path / URL."""
+def head_location(backbone_name: str, weights, default: DepthWeights, *, key: str = "weights") -> str:
+    """A `DepthWeights` member (or its name) -> the released file in the torch hub cache; else a path / URL. `key`:
+    what takes a path instead, in messages (`weights` for the hub functions, `head` on the command line)."""
     if isinstance(weights, str) and weights.upper() in DepthWeights.__members__:
         weights = DepthWeights[weights.upper()]
     if isinstance(weights, DepthWeights):
         if weights != default:
             raise ValueError(f"{backbone_name} depther: there is no released {weights.value} head for it; "
-                             f"use {default.value} or pass weights=<path>")
+                             f"use {default.value} or pass {key}=<path>")
         folder, filename = HEAD_FILES[(backbone_name, weights)]
         return str(find_in_hub_cache(filename, f"the official {weights.value} depth head of {backbone_name}",
-                                     f"{DINOV3_BASE_URL}/{folder}/{filename}"))
+                                     f"{DINOV3_BASE_URL}/{folder}/{filename}", key=key))
     if weights is None:
-        raise ValueError(f"{backbone_name} depther: pretrained=True needs weights=<path to the head checkpoint>")
+        raise ValueError(f"{backbone_name} depther: pretrained=True needs {key}=<path to the head checkpoint>")
     return str(weights)

@@ -60,9 +60,10 @@ class ConvNeXtPyramid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         H, W = x.shape[-2:]
-        pad_h, pad_w = -H % self.size_divisor, -W % self.size_divisor
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        d = self.size_divisor
+        # Padded unconditionally (a no-op for aligned sizes) and rounded up with non-negative integer division
+        # only, as the ViT-Adapter does: an exported graph (symbolic sizes) then pads whatever its input size is.
+        x = F.pad(x, (0, (W + d - 1) // d * d - W, 0, (H + d - 1) // d * d - H))
         autocast = contextlib.nullcontext()
         if self.backbone_dtype is not None:  # float32: autocast off for the backbone
             low = self.backbone_dtype != torch.float32
@@ -70,6 +71,6 @@ class ConvNeXtPyramid(nn.Module):
         with torch.no_grad(), autocast:  # frozen backbone: no autograd graph
             maps = self.backbone.get_intermediate_layers(x, n=list(STAGES), reshape=True, norm=True)
         return {
-            str(level + 1): fmap[..., : -(-H // stride), : -(-W // stride)]
+            str(level + 1): fmap[..., : (H + stride - 1) // stride, : (W + stride - 1) // stride]
             for level, (fmap, stride) in enumerate(zip(maps, STRIDES))
         }

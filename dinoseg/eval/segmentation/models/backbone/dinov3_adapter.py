@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import checkpoint
 
 from dinoseg.models.frozen import freeze_backbone
+from dinoseg.models.precision import autocast_region
 
 from ..utils.ms_deform_attn import MSDeformAttn
 
@@ -373,7 +374,7 @@ class DINOv3_Adapter(nn.Module):
         autocast = contextlib.nullcontext()
         if self.backbone_dtype is not None:  # float32: autocast off for the backbone
             low = self.backbone_dtype != torch.float32
-            autocast = torch.autocast(x.device.type, dtype=self.backbone_dtype if low else torch.bfloat16, enabled=low)
+            autocast = autocast_region(x.device.type, self.backbone_dtype if low else torch.bfloat16, enabled=low)
         with torch.no_grad(), autocast:  # frozen backbone: no autograd graph
             layers = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, norm=True)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .....layers.deterministic import resize_bilinear
+from .....models.precision import autocast_region
 from ..utils.ms_deform_attn import MSDeformAttn
 from ..utils.position_encoding import PositionEmbeddingSine
 
@@ -237,7 +238,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         # half precision, normalisations and the deformable sampling in float32.
         dtype = self.mask_feature.weight.dtype
         half = dtype in (torch.float16, torch.bfloat16)
-        with torch.autocast(device_type=device_type, dtype=dtype if half else torch.float32, enabled=half):
+        with autocast_region(device_type, dtype if half else torch.float32, enabled=half):
             srcs, pos = [], []
             for conv, f in zip(self.input_convs, ENCODER_FEATURES):
                 x = features[f] if half else features[f].to(dtype)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinoseg.models.precision import autocast_region
+
 SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
 
 IMPLEMENTATIONS = ("auto", "gather", "grid_sample")
@@ -155,7 +157,7 @@ def ms_deform_attn_core(
     _check_core_inputs(value, shapes, sampling_locations, attention_weights)
     out_dtype = value.dtype
     dtype = _compute_dtype(value)
-    with torch.autocast(device_type=value.device.type, enabled=False):
+    with autocast_region(value.device.type, enabled=False):
         args = (value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype))
         if impl == "auto":
             impl = "gather" if value.shape[-1] >= AUTO_GATHER_MIN_HEAD_DIM else "grid_sample"
