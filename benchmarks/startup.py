@@ -10,6 +10,8 @@ what it takes beyond torch's import, and the fastest run (on a loaded machine th
 
 Cases:
 - `import torch`: the baseline (`python -c "import torch; print()"`).
+- `import torch, torchvision`: what the commands that transform images pay (torchvision's import pulls in
+  torch._dynamo).
 - `dinoseg --help`, `dinoseg train --help`, a misspelt command: until argparse prints (target <= 0.5 s: no torch).
 - `import dinoseg` (`python -c "import dinoseg; print()"`).
 - `train demo.yaml`, config checked: until the command has read, translated and checked its config against the
@@ -73,6 +75,8 @@ def main() -> None:
         runs = iter(range(10**6))
         cases = {
             "import torch": lambda: until_first_output([py, "-c", "import torch; print()"], env),
+            "import torch, torchvision (for reference)": lambda: until_first_output(
+                [py, "-c", "import torch, torchvision; print()"], env),
             "dinoseg --help": lambda: until_first_output(cli + ["--help"], env),
             "dinoseg train --help": lambda: until_first_output(cli + ["train", "--help"], env),
             "dinoseg trian demo.yaml (misspelt command)": lambda: until_first_output(cli + ["trian", "demo.yaml"], env),
