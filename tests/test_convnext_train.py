@@ -136,3 +136,32 @@ def test_a_head_option_a_convnext_cannot_take_is_one_line(tmp_path, capsys):
     assert lines == ["dinoseg: error: decoder_head: Mask2Former on a ConvNeXt reads its four stages [0, 1, 2, 3] "
                      "(backbone_out_layers FOUR_LAST or FOUR_EVEN_INTERVALS), got [3]"], err[-2000:]
     assert not out.exists()
+
+
+def test_a_vit_config_switched_to_a_convnext_says_what_cannot_apply(tmp_path, caplog):
+    """demo_m2f.yaml with model.dino_hub=dinov3_convnext_tiny: the YAML's ViT-only backbone_kwargs are dropped with one
+    warning naming them, the ViT patch size that a Mask2Former ConvNeXt cannot take is one line saying how to clear it,
+    and with it cleared the run trains."""
+    demo = ["demo_m2f.yaml", "model.dino_hub=dinov3_convnext_tiny", "model.backbone_kwargs.depths=[1,1,1,1]",
+            "model.backbone_kwargs.dims=[8,16,24,32]", "device=cpu", "train.num_workers=0"]
+    with caplog.at_level("WARNING", logger="dinoseg"):
+        cfg = load_config(["demo_m2f.yaml"], demo[1:])
+    assert "embed_dim" not in cfg.model.backbone_kwargs and cfg.model.backbone_kwargs.patch_size == 16
+    warned = [r.getMessage() for r in caplog.records if "DinoVisionTransformer" in r.getMessage()]
+    assert len(warned) == 1 and "model.backbone_kwargs.embed_dim=96" in warned[0], warned
+
+    out = tmp_path / "run"
+    small = [f"output_dir={out}", "scheduler.total_iter=2", "scheduler.warmup_iters=1", "eval.eval_interval=2",
+             "datasets.train=Synthetic:split=TRAIN:num_samples=4:image_size=64",
+             "datasets.val=Synthetic:split=VAL:num_samples=2:image_size=64", "train.batch_size=2"]
+    done = run_cli(["train", *demo, *small])
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip().splitlines()[-1].endswith("from a config: model.backbone_kwargs.patch_size=null)")
+    assert "Traceback" not in done.stderr
+    done = run_cli(["train", *demo, *small, "model.backbone_kwargs.patch_size=null"])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_backbone_argument_no_architecture_takes_is_one_line():
+    with pytest.raises(ConfigError, match=r"model.backbone_kwargs.dimz=\[1\]: not an argument of ConvNeXt \(expected one of "):
+        load_config([], [*CONVNEXT_TINY, "model.backbone_kwargs.dimz=[1]"])

@@ -5,6 +5,8 @@ checked against the task's dataclass schema), the sections every task has, and s
 OmegaConf rejects unknown keys and wrong types, and its errors become one line naming the key.
 """
 
+import inspect
+import logging
 import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -284,6 +286,33 @@ def validate_device(name: str | None) -> None:
         fail("device", name, "CUDA is not available on this machine")
 
 
+def _constructor_args(cls: type) -> set[str]:
+    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "device")}
+
+
+def _check_backbone_kwargs(model: DictConfig, *, convnext: bool) -> None:
+    """`model.backbone_kwargs` names arguments of the backbone's constructor. Arguments of the other backbone family
+    (a ViT config such as demo_m2f.yaml with `model.dino_hub=dinov3_convnext_tiny`) cannot apply: they are dropped
+    with one warning naming them (a command line cannot remove a YAML's keys); any other name is an error."""
+    from ..models.convnext import ConvNeXt
+    from ..models.vision_transformer import DinoVisionTransformer
+
+    own, other = (ConvNeXt, DinoVisionTransformer) if convnext else (DinoVisionTransformer, ConvNeXt)
+    accepted, foreign = _constructor_args(own), _constructor_args(other)
+    ignored = []
+    for key in list(model.backbone_kwargs):
+        if key in accepted:
+            continue
+        if key not in foreign:
+            fail(f"model.backbone_kwargs.{key}", model.backbone_kwargs[key],
+                 f"not an argument of {own.__name__} (expected one of {sorted(accepted)})")
+        ignored.append(f"model.backbone_kwargs.{key}={model.backbone_kwargs[key]!r}")
+        del model.backbone_kwargs[key]
+    if ignored:
+        logging.getLogger("dinoseg").warning("%s: ignored, arguments of %s that a %s backbone does not take",
+                                             ", ".join(ignored), other.__name__, own.__name__)
+
+
 def validate_common(cfg: DictConfig) -> None:
     """Range checks of the sections every task shares (tasks check their own sections)."""
     from ..models.backbones import ARCHS, CONVNEXT_ARCHS
@@ -296,6 +325,7 @@ def validate_common(cfg: DictConfig) -> None:
                           f"{m.pretrained_weights!r} for these: choose one")
     if m.dino_hub is not None and m.dino_hub not in ARCHS and m.dino_hub not in CONVNEXT_ARCHS:
         fail("model.dino_hub", m.dino_hub, f"expected one of {sorted(ARCHS) + sorted(CONVNEXT_ARCHS)}")
+    _check_backbone_kwargs(m, convnext=m.dino_hub in CONVNEXT_ARCHS)
     total = cfg.scheduler.total_iter
     check_ranges(cfg, {
         "model.random_init_seed": NON_NEGATIVE, "seed": NON_NEGATIVE,

@@ -47,7 +47,8 @@ class ConvNeXtPyramid(nn.Module):
         if getattr(backbone, "patch_size", None) is not None:
             raise ValueError(
                 f"Mask2Former on a ConvNeXt reads its stride 4..32 stages; build the ConvNeXt without a pseudo "
-                f"patch_size (got {backbone.patch_size}), which would resize them all to one grid"
+                f"patch_size (got {backbone.patch_size}, which would resize them all to one grid; from a config: "
+                f"model.backbone_kwargs.patch_size=null)"
             )
         self.backbone = freeze_backbone(backbone)
         self.embed_dims = list(backbone.embed_dims)
