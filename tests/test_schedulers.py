@@ -149,3 +149,67 @@ def test_a_resumed_beta1_cycle_follows_an_extended_total_iter():
     assert opt2.param_groups[0]["betas"][0] == pytest.approx(one_cycle_momentum(11, 40, warmup_iters=4))
     assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(11, "WarmupOneCycleLR", 40, warmup_iters=4,
                                                                         warmup_ratio=0.0, final_div_factor=1000.0))
+
+
+def test_step_schedule_warms_up_then_drops_at_each_milestone():
+    """Plain-DETR's schedule in iterations: linear warm-up from 0, then x gamma from each milestone on."""
+    cfg = SchedulerConfig(type=SchedulerType.STEP, total_iter=30, warmup_iters=4, warmup_ratio=0.0, milestones=[10, 20],
+                          gamma=0.1)
+    lrs = _run(cfg, 30)
+    assert lrs[:5] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4:10] == pytest.approx([1e-3] * 6) and lrs[10:20] == pytest.approx([1e-4] * 10)
+    assert lrs[20:] == pytest.approx([1e-5] * 10)
+    # Other schedules leave the step settings alone; the step schedule without milestones is constant.
+    assert _run(SchedulerConfig(type=SchedulerType.POLY, total_iter=10, milestones=[5]), 10) == _run(
+        SchedulerConfig(type=SchedulerType.POLY, total_iter=10), 10)
+    assert set(_run(SchedulerConfig(type=SchedulerType.STEP, total_iter=10, warmup_iters=0), 10)) == {1e-3}
+
+
+def test_step_schedule_settings_are_checked():
+    from dinoseg.engine.config import ConfigError
+    from dinoseg.eval.segmentation.config import load_config
+
+    for value in ("[5,3]", "[0]", "[100]", "[4,4]"):
+        with pytest.raises(ConfigError, match=r"scheduler.milestones=.*: expected increasing iterations in \[1, "
+                                              r"scheduler.total_iter=100\)"):
+            load_config(["demo.yaml"], ["scheduler.type=step", "scheduler.total_iter=100", f"scheduler.milestones={value}"])
+    with pytest.raises(ConfigError, match=r"scheduler.gamma=0.0: must be in \(0, 1\]"):
+        load_config(["demo.yaml"], ["scheduler.gamma=0"])
+    cfg = load_config(["demo.yaml"], ["scheduler.type=STEP", "scheduler.milestones=[100]"])  # any task may pick it
+    assert SchedulerType(cfg.scheduler.type) is SchedulerType.STEP
+
+
+def test_parameter_groups_keep_their_lr_ratio_through_the_schedule_and_a_resume():
+    """A group built at a fraction of the lr (`lr_scale`, or its lr when built) follows the schedule at that
+    fraction, and a rebuilt schedule on a resumed optimizer keeps it."""
+    from dinoseg.engine.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters()), "lr_scale": 0.1,
+                                                        "weight_decay": 0.0}]
+    cfg = OmegaConf.structured(SchedulerConfig(type=SchedulerType.STEP, total_iter=10, warmup_iters=2, milestones=[5]))
+
+    def build():
+        opt = build_optimizer(model, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05, param_groups=groups)
+        return opt, build_scheduler(cfg.type, opt, 2e-3, cfg.total_iter, scheduler_kwargs(cfg))
+
+    opt, sched = build()
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    seen = []
+    for _ in range(7):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert [b / a for a, b in seen[1:]] == pytest.approx([0.1] * 6)
+    assert seen[3] == pytest.approx([2e-3, 2e-4]) and seen[6] == pytest.approx([2e-4, 2e-5])
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    opt2, sched2 = build()
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([g["lr"] for g in opt.param_groups])
+    # The official form: groups built at one lr all follow the lr given to build_scheduler.
+    plain = torch.optim.AdamW(model.parameters(), lr=0.5)
+    build_scheduler("constant", plain, 1e-3, 10, {"warmup_iters": 0})
+    assert plain.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="every trainable parameter of the model exactly once"):
+        build_optimizer(model, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, param_groups=groups[:1])

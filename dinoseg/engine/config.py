@@ -85,6 +85,10 @@ class SchedulerConfig:
     max_momentum: float = 0.95
     poly_power: float = 0.9
     min_lr: float = 0.0  # poly only
+    # step only: iterations from which the lr is multiplied by `gamma` once more (Plain-DETR's `lr_drop` epoch E is
+    # the milestone E x iterations per epoch)
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 def scheduler_kwargs(section) -> dict:
@@ -335,6 +339,9 @@ def validate_common(cfg: DictConfig) -> None:
         "scheduler.warmup_iters": (lambda v: 0 <= v < total, f"must be in [0, scheduler.total_iter={total})"),
         "scheduler.warmup_ratio": FRACTION, "scheduler.final_div_factor": POSITIVE, "scheduler.div_factor": POSITIVE,
         "scheduler.poly_power": NON_NEGATIVE, "scheduler.min_lr": NON_NEGATIVE,
+        "scheduler.milestones": (lambda v: all(0 < m < total for m in v) and list(v) == sorted(set(v)),
+                                 f"expected increasing iterations in [1, scheduler.total_iter={total})"),
+        "scheduler.gamma": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
         "train.batch_size": POSITIVE, "train.num_workers": NON_NEGATIVE, "train.checkpoint_interval": POSITIVE,
         "train.log_interval": POSITIVE,
     })

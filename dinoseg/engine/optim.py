@@ -26,10 +26,20 @@ class TrainingPreempted(TrainingError):
     exit_code = 143
 
 
-def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (the frozen backbone has none)."""
+def build_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, *,
+                    param_groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (the frozen backbone has none). `param_groups` splits them into
+    groups with their own `lr_scale` (the group trains at `lr_scale` x the scheduled lr) and `weight_decay`
+    (default: `weight_decay`); every trainable parameter must be in exactly one group."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if param_groups is None:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    grouped = [id(p) for group in param_groups for p in group["params"]]
+    if sorted(grouped) != sorted(id(p) for p in params):
+        raise ValueError("build_optimizer: param_groups must hold every trainable parameter of the model exactly once")
+    groups = [{**group, "params": list(group["params"]), "lr_scale": float(group.get("lr_scale", 1.0)),
+               "lr": lr * float(group.get("lr_scale", 1.0))} for group in param_groups if group["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 class OptimizerStep:

@@ -2,11 +2,13 @@
 
 Iteration k (0-based) trains with `lr * lr_factor(k)`: the scheduler is stepped after every optimizer step,
 the first one included, so warmup starts at step 0 (the official loop skipped the first step). The official
-one-cycle momentum schedule (Adam's beta1) is `one_cycle_momentum`.
+one-cycle momentum schedule (Adam's beta1) is `one_cycle_momentum`. Every parameter group keeps its learning rate
+relative to the optimizer's (a group built at 0.1 x the optimizer's lr trains at 0.1 x the schedule).
 """
 
+import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from functools import partial
 
@@ -17,6 +19,7 @@ class SchedulerType(Enum):
     WarmupOneCycleLR = "WarmupOneCycleLR"  # the official linear-probe schedule
     POLY = "poly"  # Mask2Former's schedule
     CONSTANT = "constant"
+    STEP = "step"  # DETR / Plain-DETR: constant after the warmup, times `gamma` at each of the `milestones`
 
 
 class AnnealStrategy(Enum):
@@ -72,10 +75,15 @@ def lr_factor(
     anneal_strategy: str = "cos",
     poly_power: float = 0.9,
     min_lr: float = 0.0,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
     base_lr: float = 1.0,
 ) -> float:
-    """The factor of `base_lr` that iteration `step` trains with."""
+    """The factor of `base_lr` that iteration `step` trains with. "step": the warmup, then `gamma` ** (the number
+    of `milestones` <= `step`): iteration m of a milestone m is the first at the decayed rate."""
     kind = SchedulerType(scheduler_type)
+    if kind == SchedulerType.STEP:
+        return _warmup(step, warmup_iters, warmup_ratio) * gamma ** bisect.bisect_right(sorted(milestones), step)
     if kind == SchedulerType.WarmupOneCycleLR:
         return _one_cycle(step, total_iter, warmup_iters, warmup_ratio, final_div_factor, div_factor, anneal_strategy)
     if kind == SchedulerType.POLY:
@@ -127,8 +135,13 @@ def build_scheduler(
     "WarmupOneCycleLR" takes the official constructor keywords with the official defaults (`ONE_CYCLE_DEFAULTS`):
     `warmup_iters`, `warmup_ratio`, `anneal_strategy` ("cos" / "linear"), `div_factor`, `final_div_factor`,
     `use_beta1` / `update_momentum` with `base_momentum` / `max_momentum` (the momentum schedule
-    `one_cycle_momentum`), `pct_start` (no effect, as officially). "poly" and "constant" take `warmup_iters`,
-    `warmup_ratio`, `poly_power`, `min_lr`. An unknown keyword is an error (the official code drops it silently).
+    `one_cycle_momentum`), `pct_start` (no effect, as officially). "poly", "constant" and "step" take
+    `warmup_iters`, `warmup_ratio`, `poly_power`, `min_lr` ("poly"), `milestones` and `gamma` ("step"). An unknown
+    keyword is an error (the official code drops it silently).
+
+    Each parameter group's learning rate is `lr` times its `lr_scale`: its ratio to the optimizer's own lr
+    (`defaults["lr"]`) when it has none. Groups built at one lr all get `lr`, as officially; a group built at a
+    tenth of it stays at a tenth.
     """
     try:
         kind = SchedulerType(scheduler_type)
@@ -162,8 +175,11 @@ def build_scheduler(
         factor(0)
     except TypeError as e:
         raise ValueError(f"build_scheduler: {e}") from None
+    base = optimizer.defaults.get("lr") or 0.0
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = lr
+        # The group's ratio, kept in the group (and its checkpoints), so the schedule can be rebuilt on it.
+        scale = group.setdefault("lr_scale", group["lr"] / base if base > 0 else 1.0)
+        group["lr"] = group["initial_lr"] = lr * scale
     if momentum is None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return MomentumLambdaLR(optimizer, factor, *momentum)

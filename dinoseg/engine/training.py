@@ -86,8 +86,10 @@ def start_run(run: RunDirectory, config_yaml: str, resumed: Resumed, *, tensorbo
     return log
 
 
-def training_batches(dataset, batch_size: int, *, seed: int, start_iteration: int = 0, num_workers: int = 0):
-    """An endless iterator of this process's training batches (`batch_size` = the total over all processes).
+def training_batches(dataset, batch_size: int, *, seed: int, start_iteration: int = 0, num_workers: int = 0,
+                     collate_fn=None):
+    """An endless iterator of this process's training batches (`batch_size` = the total over all processes),
+    put together by `collate_fn` (default: stacked tensors; detection pads images of different sizes).
 
     Batch k is a function of (seed, k) alone (samples are keyed by epoch and index and augmented from a seed
     derived from them), so starting at `start_iteration` gives exactly the batches of an uninterrupted run.
@@ -99,17 +101,18 @@ def training_batches(dataset, batch_size: int, *, seed: int, start_iteration: in
     return InfiniteDataloader(torch.utils.data.DataLoader(
         EpochSeededDataset(dataset, seed), batch_size=per_process, sampler=sampler, num_workers=num_workers,
         drop_last=True, persistent_workers=num_workers > 0, worker_init_fn=worker_init_fn if num_workers else None,
+        collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + rank),  # keeps the global RNG untouched
     ))
 
 
-def evaluation_loader(dataset, *, num_workers: int, seed: int, max_samples: int | None = None):
+def evaluation_loader(dataset, *, num_workers: int, seed: int, max_samples: int | None = None, collate_fn=None):
     """Batch size 1 (images keep their own sizes, targets their original resolution), sharded over processes
-    without padding, so every sample is counted exactly once."""
+    without padding, so every sample is counted exactly once; `collate_fn` as for `training_batches`."""
     if max_samples is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(len(dataset), max_samples)))
     return make_data_loader(dataset, batch_size=1, num_workers=num_workers, shuffle=False, seed=seed, pad_shards=False,
-                            rank=distributed.get_rank(), world_size=distributed.get_world_size())
+                            rank=distributed.get_rank(), world_size=distributed.get_world_size(), collate_fn=collate_fn)
 
 
 def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:

@@ -7,7 +7,8 @@ A task's `run` module gives the command line what it needs: `NAME`, `SCHEMA` (it
 
 import importlib
 
-TASKS = {"segmentation": "dinoseg.eval.segmentation.run", "depth": "dinoseg.eval.depth.run"}
+TASKS = {"segmentation": "dinoseg.eval.segmentation.run", "depth": "dinoseg.eval.depth.run",
+         "detection": "dinoseg.eval.detection.run"}
 
 
 def task_runner(name: str):

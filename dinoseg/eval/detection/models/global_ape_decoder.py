@@ -47,7 +47,10 @@ class GlobalCrossAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0,
                                            scale=self.scale)
         B, N, C = query.shape
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+        # An explicit copy, not reshape: torch.export records reshape as a view of the fused kernel's output layout,
+        # which the decomposed attention of an ONNX export does not have.
+        x = x.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        return self.proj_drop(self.proj(x.view(B, N, C)))
 
     def forward(self, query, k_input_flatten, v_input_flatten, input_padding_mask=None):
         bias = None

@@ -76,3 +76,18 @@ def head_location(backbone_name: str, weights, file_hash: str | None = None) -> 
     filename = official_detr_head_filename(backbone_name, weights, file_hash)
     return str(find_in_hub_cache(filename, f"the official {weights.value} detector head of {backbone_name}",
                                  f"{DINOV3_BASE_URL}/{backbone_name}/{filename}"))
+
+
+# COCO 2017's 80 categories by id (ids 1-90 with gaps: the released 91-class head's labels are these ids), so that
+# predictions of the released detector are named without the annotation files.
+COCO_CATEGORY_NAMES = dict(enumerate((
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", None, "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", None, "backpack", "umbrella", None, None, "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", None, "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", None, "dining table", None, None, "toilet", None, "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", None, "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush"), start=1))
+COCO_CATEGORY_NAMES = {k: v for k, v in COCO_CATEGORY_NAMES.items() if v is not None}
