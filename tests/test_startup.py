@@ -78,7 +78,7 @@ def test_the_hub_lists_every_entry_point_of_its_modules():
 def test_using_one_name_imports_only_what_it_needs():
     run, imported = run_importing("-c", "import dinoseg; dinoseg.dinov3_vits16; dinoseg.build_segmentation_decoder; "
                                         "dinoseg.dinov3_vitl16_chmv2; dinoseg.dinov3_vit7b16_de; dinoseg.make_dataset; "
-                                        "dinoseg.SegmentationConfig; dinoseg.DepthConfig")
+                                        "dinoseg.SegmentationConfig; dinoseg.DepthConfig; dinoseg.DetectionHeadConfig")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "torch" in imported and not heavy(imported)
 
@@ -98,6 +98,7 @@ def test_a_command_loads_and_checks_its_config_without_heavy_imports(tmp_path):
     official = tmp_path / "config-ade20k-linear-training.yaml"
     official.write_text(LINEAR)
     configs = [["demo.yaml"], ["demo_m2f.yaml"], ["demo_depth.yaml"], ["nyu_linear.yaml", "datasets.root=/nowhere"],
+               ["demo_detection.yaml"], ["coco_vitl16_plain_detr.yaml", "datasets.root=/nowhere"],
                [str(official), "datasets.root=/nowhere"]]
     run = subprocess.run([sys.executable, "-c", LOAD, "check-data", json.dumps(configs)], capture_output=True, text=True,
                          cwd=REPO, env=cli_env(), timeout=300)
@@ -111,7 +112,7 @@ def test_a_config_error_imports_no_heavy_module():
     assert not heavy(imported)
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", "demo_depth.yaml"])
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_depth.yaml", "demo_detection.yaml"])
 def test_check_data_runs_without_heavy_imports(config):
     run, imported = run_importing("-m", "dinoseg.cli", "check-data", config, "--split", "val")
     assert run.returncode == 0, run.stderr[-2000:]
