@@ -12,16 +12,10 @@ import logging
 import re
 import sys
 
-from tqdm import tqdm
-
-from .data.io import DatasetError
-from .engine import distributed
-from .engine.config import ConfigError, layer_value, read_layers
-from .engine.export import ExportError, decode_metadata, read_onnx_metadata, require_packages
-from .engine.official_config import official_task, translate_layers
-from .engine.optim import TrainingError
 from .eval import TASKS, task_runner
-from .models.checkpoint import CheckpointError
+
+# torch, the tasks' code and the libraries they use are imported by the functions that need them, after the arguments
+# are parsed: `dinoseg --help` and argument errors print at once (tests/test_startup.py).
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -53,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def onnx_runner(path: str):
     """The runner of the task that exported `path`, told by the file's metadata `format`."""
+    from .engine.export import ExportError, decode_metadata, read_onnx_metadata, require_packages
+
     require_packages("onnxruntime", purpose="predict --onnx")
     props = read_onnx_metadata(path)
     fmt = decode_metadata(path, {"format": props["format"]})["format"] if "format" in props else None
@@ -65,6 +61,9 @@ def onnx_runner(path: str):
 
 def load(items: list[str], command: str):
     """(task runner, config) for the YAML files and overrides in `items`."""
+    from .engine.config import ConfigError, layer_value, read_layers
+    from .engine.official_config import official_task, translate_layers
+
     yamls = [i for i in items if "=" not in i]
     overrides = [i for i in items if "=" in i]
     if command == "demo" and not yamls:
@@ -91,6 +90,8 @@ class _AboveBars(logging.StreamHandler):
     """Log lines printed above the progress bars instead of onto them."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
         try:
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:
@@ -114,6 +115,13 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from .data.io import DatasetError
+    from .engine import distributed
+    from .engine.config import ConfigError
+    from .engine.export import ExportError
+    from .engine.optim import TrainingError
+    from .models.checkpoint import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=[_AboveBars()])
     try:
         if getattr(args, "onnx", None):  # an exported model carries its task and settings

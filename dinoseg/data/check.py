@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .check_common import Problem, indexing_problems, read_pair, sample_indices
+from .check_common import Problem, indexing_problems, read_pair, report_lines, sample_indices
 from .datasets.coco import DetectionDataset
 from .datasets.depth_base import DepthDataset
 from .io import DatasetError, exif_orientation
@@ -107,20 +107,7 @@ def check_dataset(dataset, max_samples: int | None = None, progress: bool = Fals
 
 
 def format_report(report: CheckReport, max_problems: int = 50) -> str:
-    header = f"Checked {report.num_checked}/{report.num_samples} samples of {report.dataset}"
-    lines = [f"{header}: {report.num_usable} without problems"]
-    if report.problems:
-        lines.append(f"{len(report.problems)} problem(s):")
-        lines += [f"  {p.path}: {p.fault}" for p in report.problems[:max_problems]]
-        if len(report.problems) > max_problems:
-            lines.append(f"  ... and {len(report.problems) - max_problems} more")
-    else:
-        lines.append("No problems found.")
-    if report.warnings:
-        lines.append(f"{len(report.warnings)} warning(s):")
-        lines += [f"  {p.path}: {p.fault}" for p in report.warnings[:max_problems]]
-        if len(report.warnings) > max_problems:
-            lines.append(f"  ... and {len(report.warnings) - max_problems} more")
+    lines = report_lines(report, "samples", max_problems)
     if report.class_pixels is not None:
         labelled = int(report.class_pixels.sum())
         total = labelled + report.ignore_pixels

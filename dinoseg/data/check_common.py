@@ -15,6 +15,23 @@ class Problem:
     fault: str
 
 
+def report_lines(report, unit: str, max_problems: int) -> list[str]:
+    """The opening every check-data report shares: how many `unit`s were checked, then the problems (at most
+    `max_problems` listed) and the warnings, each by file."""
+    lines = [f"Checked {report.num_checked}/{report.num_samples} {unit} of {report.dataset}: "
+             f"{report.num_usable} without problems"]
+    for title, items, when_none in (("problem(s)", report.problems, "No problems found."),
+                                    ("warning(s)", report.warnings, None)):
+        if items:
+            lines.append(f"{len(items)} {title}:")
+            lines += [f"  {p.path}: {p.fault}" for p in items[:max_problems]]
+            if len(items) > max_problems:
+                lines.append(f"  ... and {len(items) - max_problems} more")
+        elif when_none:
+            lines.append(when_none)
+    return lines
+
+
 def indexing_problems(dataset) -> list[Problem]:
     """The faults `dataset` (built with strict=False) found while indexing its files, or its empty split."""
     problems = [Problem(p, f) for p, f in getattr(dataset, "problems", [])]

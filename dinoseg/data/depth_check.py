@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .check_common import Problem, indexing_problems, read_pair, sample_indices
+from .check_common import Problem, indexing_problems, read_pair, report_lines, sample_indices
 from .datasets.depth_base import depth_bit_depth
 
 # Plausible median depth of a scene (metres): below, the map is probably in a larger unit than declared
@@ -148,16 +148,7 @@ def check_depth_dataset(dataset, max_samples: int | None = None, progress: bool 
 
 
 def format_depth_report(report: DepthCheckReport, max_problems: int = 50) -> str:
-    lines = [f"Checked {report.num_checked}/{report.num_samples} samples of {report.dataset}: "
-             f"{report.num_usable} without problems"]
-    for title, items, empty in (("problem(s)", report.problems, "No problems found."), ("warning(s)", report.warnings, None)):
-        if items:
-            lines.append(f"{len(items)} {title}:")
-            lines += [f"  {p.path}: {p.fault}" for p in items[:max_problems]]
-            if len(items) > max_problems:
-                lines.append(f"  ... and {len(items) - max_problems} more")
-        elif empty:
-            lines.append(empty)
+    lines = report_lines(report, "samples", max_problems)
     if report.median_depths:
         medians = np.asarray(report.median_depths)
         lines.append(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .check_common import Problem, indexing_problems, sample_indices
+from .check_common import Problem, indexing_problems, report_lines, sample_indices
 from .datasets.common import size_mismatch
 from .io import DatasetError, exif_orientation
 
@@ -81,16 +81,7 @@ def check_detection_dataset(dataset, max_samples: int | None = None, progress: b
 
 
 def format_detection_report(report: DetectionCheckReport, max_problems: int = 50) -> str:
-    lines = [f"Checked {report.num_checked}/{report.num_samples} images of {report.dataset}: "
-             f"{report.num_usable} without problems"]
-    for title, items, empty in (("problem(s)", report.problems, "No problems found."), ("warning(s)", report.warnings, None)):
-        if items:
-            lines.append(f"{len(items)} {title}:")
-            lines += [f"  {p.path}: {p.fault}" for p in items[:max_problems]]
-            if len(items) > max_problems:
-                lines.append(f"  ... and {len(items) - max_problems} more")
-        elif empty:
-            lines.append(empty)
+    lines = report_lines(report, "images", max_problems)
     total = sum(report.boxes.values())
     lines.append(f"Per-category boxes of the {report.num_usable} images without problems: {total:,} boxes, "
                  f"{sum(report.crowd_boxes.values()):,} crowd regions, {report.images_without_boxes:,} images without boxes")

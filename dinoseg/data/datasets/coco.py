@@ -37,8 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from ..io import DatasetError, image_size
 from .base import check_root, normalize_split
@@ -137,6 +135,11 @@ class DetectionDataset(PairedDataset):
     def load_target(self, index: int) -> dict[str, torch.Tensor]:
         """The training target of image `index` before transforms (module docstring): crowd boxes and boxes
         without area (after clamping to the image) left out."""
+        # Imported here: torchvision's import pulls in torch._dynamo (a second or more), which indexing and
+        # checking a dataset never need.
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
         ann = self.annotations(index)
         h, w = ann.height, ann.width
         keep = ~ann.iscrowd & (ann.boxes[:, 2] > 0) & (ann.boxes[:, 3] > 0)

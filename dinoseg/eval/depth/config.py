@@ -38,7 +38,6 @@ from .datasets.datasets_utils import parse_eval_crop
 from .loss import LossType
 from .metrics import DEPTH_METRICS_NAME
 from .models import BINS_STRATEGIES, HEAD_TYPES, NORM_STRATEGIES, DecoderConfig, DPTHead, LinearHead
-from .transforms import FixedCrop, make_depth_eval_transforms, make_depth_train_transforms
 
 __all__ = [
     "ConfigError",
@@ -222,12 +221,13 @@ def _is_size(value) -> bool:
 SIZE = (_is_size, "expected a positive int (shorter side) or [height, width]")
 
 
+# The names `transforms.FixedCrop` takes (tests/test_startup.py keeps them equal), checked here without importing the
+# transforms: they import torchvision, whose import takes a second or more, which checking a config must not wait for.
+FIXED_CROPS = ("FULL", "NYU", "KITTI_KB")
+
+
 def _is_crop(value) -> bool:
-    try:
-        FixedCrop(value)
-    except ValueError:
-        return False
-    return True
+    return isinstance(value, str) and value.upper() in FIXED_CROPS
 
 
 def _is_mask(value) -> bool:
@@ -238,7 +238,7 @@ def _is_mask(value) -> bool:
     return True
 
 
-FIXED_CROP = (_is_crop, "expected one of FULL, NYU, KITTI_KB")
+FIXED_CROP = (_is_crop, f"expected one of {', '.join(FIXED_CROPS)}")
 EVAL_MASK = (_is_mask, "expected one of FULL, NYU_EIGEN, KITTI_GARG, KITTI_EIGEN")
 # Head options set by the config's own keys (the rest of the head's constructor keywords go in head_kwargs).
 _MANAGED_HEAD_OPTIONS = {"self", "in_channels", "n_output_channels", "use_batchnorm", "use_cls_token", "readout_type"}
@@ -326,6 +326,8 @@ def _size(value):
 
 def make_depth_train_transforms_from_config(config: DepthConfig):
     """The training augmentation of `config.transforms` (official name)."""
+    from .transforms import make_depth_train_transforms
+
     train, t = config.transforms.train, config.transforms
     return make_depth_train_transforms(
         img_size=_size(train.img_size),
@@ -344,6 +346,8 @@ def make_depth_eval_transforms_from_config(config: DepthConfig, split: str = "va
     official code: validation during training runs without it."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    from .transforms import make_depth_eval_transforms
+
     t = config.transforms
     return make_depth_eval_transforms(
         img_size=_size(t.eval.img_size),

@@ -24,7 +24,6 @@ from ...models.frozen import set_train_mode
 from .config import DepthConfig, ResultConfig, make_depth_eval_transforms_from_config
 from .datasets.datasets_utils import make_valid_mask, parse_eval_crop
 from .metrics import _DepthMetric, calculate_depth_metrics, metrics_from_names
-from .transforms import LeftRightFlipAug
 from .utils import align_depth_least_square
 from .visualization_utils import save_predictions
 
@@ -98,6 +97,8 @@ def evaluate_depther_with_dataloader(
     Returns ``(results, {}, indices)``: `results` maps each metric name to its mean (``reduce_results``) or to
     the list of per-image values in the order of `indices` (sorted dataset indices).
     """
+    from .transforms import LeftRightFlipAug  # torchvision: imported when evaluating, not with the task's code
+
     metrics = metrics_from_names(metrics)
     names = [m.name for m in metrics]
     eval_crop = parse_eval_crop(eval_mask_type)

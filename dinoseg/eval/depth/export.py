@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ...engine.export import DEFAULT_OPSET, ExportError, check_exportable, check_torch_version, write_onnx
 from .models import Depther
-from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalize
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "deployment_metadata", "export_onnx"]
 
@@ -49,6 +49,8 @@ def deployment_metadata(
     """Preprocessing and test-time augmentation for the ONNX metadata (as `dinoseg predict` runs a depther).
 
     `img_size`: None keeps the image size, an int is the shorter side, [H, W] a fixed size."""
+    from .transforms import Normalize  # torchvision: imported when exporting, not with the task's code
+
     normalize = Normalize(mean, std)
     if img_size is not None and not isinstance(img_size, int):
         img_size = [int(s) for s in img_size]

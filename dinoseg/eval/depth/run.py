@@ -27,7 +27,6 @@ from .models.released import RELEASED_DEPTHERS, dpt_depther_config, head_locatio
 from .official_config import DEPTH
 from .setup import build_model_with_head, build_test_dataset, evaluation_settings, result_config
 from .train import dataset_name, evaluation_loader_of, train_depth
-from .transforms import LeftRightFlipAug, make_depth_eval_transforms
 from .visualization_utils import depth_tensor_to_colorized_pil
 
 logger = logging.getLogger("dinoseg")
@@ -111,6 +110,8 @@ def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=No
     image's own depth range), at the image's size, with flip TTA per `eval.use_tta`. An unreadable image is
     reported and skipped; the others are still processed, then the command fails naming every image it skipped.
     `onnx`: an exported depther run by onnxruntime on the CPU, with the settings in its metadata (then no `cfg`)."""
+    from .transforms import LeftRightFlipAug, make_depth_eval_transforms  # torchvision, imported where used
+
     images = list_images(inputs, Path(output))
     if onnx:
         from .onnx_runtime import OnnxDepther

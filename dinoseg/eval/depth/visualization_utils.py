@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image
@@ -34,6 +33,8 @@ def depth_tensor_to_colorized_pil(depth_tensor: torch.Tensor, cmap: str = "plasm
                                   vmax: float | None = None) -> Image.Image:
     """Depth [.., H, W] -> RGB image through a matplotlib colour map over [vmin, vmax] (default: the range of the
     valid, i.e. positive and finite, depths). Pixels without depth are black."""
+    import matplotlib  # imported when first used: its import is slow and most commands never draw
+
     value = depth_tensor.detach().float().cpu().reshape(depth_tensor.shape[-2:]).numpy()
     valid = np.isfinite(value) & (value > 0)
     vmin = float(value[valid].min()) if vmin is None and valid.any() else (vmin or 0.0)

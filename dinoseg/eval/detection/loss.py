@@ -24,7 +24,6 @@ with `_one2many` (`pred_logits_one2many`, `pred_boxes_one2many`, `aux_outputs_on
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from dinoseg.engine import distributed
@@ -109,6 +108,8 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, (query indices, target indices) of the matched pairs (int64, on the CPU, min(Q, N_i) each)."""
+        from scipy.optimize import linear_sum_assignment  # imported when first matching: scipy is slow to import
+
         outputs = _upcast(outputs)
         batch_size, num_queries = outputs["pred_logits"].shape[:2]
         prob = outputs["pred_logits"].flatten(0, 1).sigmoid()  # (B*Q, C)

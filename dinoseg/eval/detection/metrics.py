@@ -31,14 +31,16 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from ...data.io import DatasetError
 from ...engine.files import write_atomically
+
+if TYPE_CHECKING:  # pycocotools is imported where it evaluates, not with the task's code
+    from pycocotools.coco import COCO
 
 # pycocotools' `COCOeval.stats`, in its order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -88,6 +90,8 @@ def _read_coco_file(path) -> dict:
 def coco_ground_truth(ground_truth) -> COCO:
     """A pycocotools ``COCO`` from a detection dataset (its ``coco_gt()``), a COCO file or a COCO dict. Fields
     that exporters omit and pycocotools needs are filled in a copy: ``iscrowd`` 0, ``area`` the box area."""
+    from pycocotools.coco import COCO
+
     if hasattr(ground_truth, "coco_gt"):
         data = ground_truth.coco_gt()
     elif isinstance(ground_truth, (str, os.PathLike)):
@@ -154,6 +158,9 @@ class CocoEvaluator:
         """Evaluate `detections` (COCO results, each image's exactly once) on `image_ids` (default: every image
         of the ground truth). A detection of an image outside `image_ids` or of an unknown category is an
         error, not a silent zero."""
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
         ids = self.image_ids if image_ids is None else sorted({int(i) for i in image_ids})
         unknown = sorted(set(ids) - set(self.image_ids))
         if unknown:

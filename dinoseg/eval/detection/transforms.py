@@ -29,11 +29,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+# torchvision is imported by the functions that use it: its import pulls in torch._dynamo (a second or more), which
+# loading the task's config (its defaults are here) must not wait for.
 
 # Plain-DETR's COCO recipe.
 SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
@@ -69,6 +69,9 @@ class RandomResize:
         self.max_size = max_size
 
     def __call__(self, *inputs):
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+
         size = self.sizes[int(torch.randint(len(self.sizes), ()))] if len(self.sizes) > 1 else self.sizes[0]
         height, width = F.get_size(inputs[0])
         return v2.Resize(resized_size(height, width, size, self.max_size), antialias=True)(*inputs)
@@ -93,6 +96,9 @@ class RandomSizeCrop:
         return int(torch.randint(low, high + 1, ()))
 
     def __call__(self, *inputs):
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+
         height, width = F.get_size(inputs[0])
         return v2.RandomCrop((self._draw(height), self._draw(width)))(*inputs)
 
@@ -121,6 +127,8 @@ class DetectionTransform:
 
     def __init__(self, steps: Sequence[Callable], *, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, reparam: bool = False):
+        from torchvision.transforms import v2
+
         self.steps = list(steps)
         self.geometry = v2.Compose(self.steps) if self.steps else None
         self.mean, self.std = _unit_range(mean, "mean"), _unit_range(std, "std")
@@ -129,6 +137,9 @@ class DetectionTransform:
         self.reparam = bool(reparam)
 
     def __call__(self, image, target: dict) -> tuple[torch.Tensor, dict]:
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
         if isinstance(image, Image.Image):
             image = F.pil_to_tensor(image.convert("RGB"))
         elif isinstance(image, np.ndarray):
@@ -172,6 +183,8 @@ def make_detection_train_transforms(
     instead of fractions of the image size."""
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    from torchvision.transforms import v2
+
     resize = RandomResize(scales, max_size)
     steps: list[Callable] = [v2.RandomHorizontalFlip(flip_prob)] if flip_prob > 0 else []
     if crop_scales is not None:

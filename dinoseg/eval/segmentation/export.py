@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ...engine.export import DEFAULT_OPSET, ExportError, check_exportable, check_torch_version, write_onnx
 from .inference import mask_classification_to_semantic
 from .models import FeatureDecoder
 from .models.heads.linear_head import LinearHead
 from .models.heads.mask2former_head import Mask2FormerHead
 from .models.utils.ms_deform_attn import MSDeformAttn
-from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalize
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -86,6 +86,8 @@ def deployment_metadata(
     """Preprocessing, inference and class settings for the ONNX metadata (defaults: the official ADE20K eval).
 
     Means / stds in the 0-255 range are converted to [0, 1] as `Normalize` does; `palette` entries are RGB."""
+    from .transforms import Normalize  # torchvision: imported when exporting, not with the task's code
+
     normalize = Normalize(mean, std)
     if inference_mode not in ("whole", "slide"):
         raise ExportError(f"inference_mode {inference_mode!r}: expected 'whole' or 'slide'")

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ...engine import distributed
@@ -212,6 +211,8 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from scipy.optimize import linear_sum_assignment  # imported when first matching: scipy is slow to import
+
         pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != pred_logits.shape[0]:
             raise ValueError(

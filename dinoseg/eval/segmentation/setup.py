@@ -13,7 +13,6 @@ from ..utils import BackboneLayersSet, get_backbone_out_indices
 from .decoders import decoder
 from .inference import InferenceMode, InferenceSettings
 from .models import DecoderType, FeatureDecoder, build_segmentation_decoder, build_segmentor_with_head
-from .transforms import make_segmentation_train_transforms, make_single_view_eval_transforms
 
 
 def build_backbone(cfg: DictConfig) -> torch.nn.Module:
@@ -71,6 +70,10 @@ def build_model_with_head(cfg: DictConfig, num_classes: int, head: str) -> Featu
 
 
 def build_train_dataset(cfg: DictConfig):
+    # The transforms (torchvision, whose import takes a second or more) are imported when first built, so that
+    # loading and checking a config does not wait for them.
+    from .transforms import make_segmentation_train_transforms
+
     t = cfg.transforms
     transforms = make_segmentation_train_transforms(
         img_size=t.train.img_size,
@@ -86,6 +89,8 @@ def build_train_dataset(cfg: DictConfig):
 
 
 def build_eval_transforms(cfg: DictConfig):
+    from .transforms import make_single_view_eval_transforms
+
     t = cfg.transforms
     # With TTA every scale is resized from the original image (the official rule), so the image stays as it is.
     img_size = None if cfg.eval.use_tta else t.eval.img_size

@@ -7,9 +7,22 @@ absolute pixels and regresses deltas relative to reference boxes (`bbox2delta` /
 import math
 
 import torch
-from torchvision.ops import box_iou, generalized_box_iou
 
 __all__ = ["bbox2delta", "box_cxcywh_to_xyxy", "box_iou", "box_xyxy_to_cxcywh", "delta2bbox", "generalized_box_iou"]
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU [N, M] of every box of `boxes1` [N, 4] with every box of `boxes2` [M, 4] (xyxy): torchvision's."""
+    from torchvision.ops import box_iou as iou  # imported when first used: its import pulls in torch._dynamo
+
+    return iou(boxes1, boxes2)
+
+
+def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU [N, M] of every box of `boxes1` [N, 4] with every box of `boxes2` [M, 4] (xyxy): torchvision's."""
+    from torchvision.ops import generalized_box_iou as giou
+
+    return giou(boxes1, boxes2)
 
 
 def box_cxcywh_to_xyxy(x: torch.Tensor) -> torch.Tensor:
