@@ -1,5 +1,5 @@
-"""Training loop for a depth head on a frozen DINOv3 backbone (one process or many under torchrun): the official
-iteration recipe, built from the engine's parts.
+"""Training loop for a depth head on a frozen (or adapted: `model.finetune`) DINOv3 backbone (one process or many
+under torchrun): the official iteration recipe, built from the engine's parts.
 
 Read it top to bottom: set-up, data, model, optimisation objects, optional resume, then the iteration loop (train
 step, periodic validation without TTA, periodic checkpoint), the final evaluation of `datasets.test` with the
