@@ -166,3 +166,95 @@ def test_adapter_fields():
     lean = build_model(cfg(*base, a + "with_cffn=false", a + "use_extra_extractor=false"), 5).state_dict()
     assert not any(".ffn." in k for k in lean) and not any("extra_extractors" in k for k in lean)
     assert any("extra_extractors" in k for k in sd)
+
+
+def test_finetune_fields():
+    """`model.finetune.*` (the same section in every task): what trains, its learning rates, checkpointing."""
+    from dinoseg.layers.lora import LoRALinear
+    from dinoseg.models.frozen import adaptation_of
+
+    def backbone_of(*overrides):
+        model = build_model(cfg(*overrides), 3)
+        return model, model.segmentation_model[0].feature_model
+
+    _, frozen = backbone_of("model.finetune.mode=frozen", "model.finetune.lora_rank=2")
+    assert adaptation_of(frozen) is None and not any(p.requires_grad for p in frozen.parameters())
+    # mode, lora_rank, lora_alpha, lora_targets (null: qkv and proj on a ViT)
+    _, lora = backbone_of("model.finetune.mode=lora", "model.finetune.lora_rank=3", "model.finetune.lora_alpha=6")
+    adapted = {n for n, m in lora.named_modules() if isinstance(m, LoRALinear)}
+    assert adapted == {f"blocks.{i}.attn.{t}" for i in range(4) for t in ("qkv", "proj")}
+    qkv = lora.blocks[0].attn.qkv
+    assert qkv.lora_A.shape == (3, 32) and qkv.lora_B.shape == (96, 3) and qkv.scaling == 2.0
+    _, mlp = backbone_of("model.finetune.mode=lora", "model.finetune.lora_targets=[fc1,fc2]")
+    assert {n for n, m in mlp.named_modules() if isinstance(m, LoRALinear)} == {
+        f"blocks.{i}.mlp.{t}" for i in range(4) for t in ("fc1", "fc2")}
+    # blocks: the last N blocks the head reads train (LAST: block 3); gradient_checkpointing on those
+    _, blocks = backbone_of("model.finetune.mode=blocks", "model.finetune.blocks=2",
+                            "model.finetune.gradient_checkpointing=true")
+    assert {n.split(".")[1] for n, p in blocks.named_parameters() if p.requires_grad} == {"2", "3"}
+    assert [b.gradient_checkpointing for b in blocks.blocks] == [False, False, True, True]
+    _, early = backbone_of("model.finetune.mode=blocks", "model.finetune.blocks=1",
+                           "decoder_head.backbone_out_layers=FOUR_EVEN_INTERVALS")
+    assert {n.split(".")[1] for n, p in early.named_parameters() if p.requires_grad} == {"3"}
+    # lr_multiplier and layer_decay: the adapted tensors' learning rates relative to the head's
+    overrides = ("model.finetune.mode=blocks", "model.finetune.blocks=2", "model.finetune.lr_multiplier=0.2",
+                 "model.finetune.layer_decay=0.5", "optimizer.lr=0.1")
+    model, _ = backbone_of(*overrides)
+    groups = build_optimizer(model, cfg(*overrides)).param_groups
+    head = {id(p) for p in model.segmentation_model[1].parameters()}
+    assert {id(p) for p in groups[0]["params"]} == head and groups[0]["lr"] == 0.1
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups[1:]:
+        for p in group["params"]:
+            block = int(names[id(p)].split(".")[4])  # segmentation_model.0.feature_model.blocks.<i>
+            assert group["lr"] == pytest.approx(0.1 * 0.2 * 0.5 ** (4 - block)), names[id(p)]
+            assert group["weight_decay"] == (1e-3 if p.ndim >= 2 else 0.0)
+    assert {names[id(p)].split(".")[4] for g in groups[1:] for p in g["params"]} == {"2", "3"}
+
+
+def test_finetune_on_a_convnext_adapts_its_pointwise_convolutions():
+    from dinoseg.layers.lora import LoRALinear
+
+    convnext = ["model.dino_hub=dinov3_convnext_tiny", "model.backbone_kwargs={depths: [1, 1, 1, 1], dims: [8, 8, 8, 8]}",
+                "model.random_init=true", "decoder_head.backbone_out_layers=FOUR_LAST"]
+    model = build_model(load_config([], [*TINY, *convnext, "model.finetune.mode=lora"]), 3)
+    backbone = model.segmentation_model[0].feature_model
+    assert {n for n, m in backbone.named_modules() if isinstance(m, LoRALinear)} == {
+        f"stages.{i}.0.{t}" for i in range(4) for t in ("pwconv1", "pwconv2")}
+    blocks = build_model(load_config([], [*TINY, *convnext, "model.finetune.mode=blocks", "model.finetune.blocks=1"]), 3)
+    trains = {n.split(".")[:2][1] for n, p in blocks.segmentation_model[0].feature_model.named_parameters()
+              if p.requires_grad}
+    assert trains == {"3"}  # the last stage with its downsampling layer
+    with pytest.raises(ConfigError, match=r"^model.finetune.lora_targets=\['qkv', 'proj'\]: 'qkv' matches no linear "
+                                          r"layer of this ConvNeXt's blocks; they are pwconv1, pwconv2$"):
+        build_model(load_config([], [*TINY, *convnext, "model.finetune.mode=lora", "model.finetune.lora_targets=[qkv,proj]"]), 3)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.finetune.mode=full", r"model.finetune.mode='full': expected one of \['frozen', 'lora', 'blocks'\]"),
+    ("model.finetune.lora_rank=0", "model.finetune.lora_rank=0: must be >= 1"),
+    ("model.finetune.lora_alpha=0", "model.finetune.lora_alpha=0.0: must be a finite number > 0"),
+    ("model.finetune.lora_targets=[]", r"model.finetune.lora_targets=\[\]: expected a non-empty list of layer names"),
+    ("model.finetune.lora_targets=[qkv,qkv]", r"model.finetune.lora_targets=\['qkv', 'qkv'\]: expected a non-empty list"),
+    ("model.finetune.blocks=0", "model.finetune.blocks=0: must be >= 1"),
+    ("model.finetune.lr_multiplier=0", "model.finetune.lr_multiplier=0.0: must be a finite number > 0"),
+    ("model.finetune.layer_decay=1.5", r"model.finetune.layer_decay=1.5: must be in \(0, 1\]"),
+    ("model.finetune.layer_decay=0", r"model.finetune.layer_decay=0.0: must be in \(0, 1\]"),
+    ("model.finetune.rank=4", "model.finetune.rank: Key 'rank' not in 'FinetuneConfig'"),
+])
+def test_finetune_values_out_of_range_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}") as e:
+        cfg(override)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.finetune.lora_targets=[qkv,nope]"],
+     r"model.finetune.lora_targets=\['qkv', 'nope'\]: 'nope' matches no linear layer of this DinoVisionTransformer's "
+     r"blocks; they are fc1, fc2, proj, qkv"),
+    (["model.finetune.mode=blocks", "model.finetune.blocks=5"],
+     r"model.finetune.blocks=5: must be an integer in \[1, 4\]: this backbone has 4 blocks"),
+])
+def test_finetune_values_the_backbone_cannot_take_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        build_model(cfg("model.finetune.mode=lora", *overrides), 3)

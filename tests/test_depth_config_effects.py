@@ -177,3 +177,17 @@ def test_result_config_fields():
                           "result_config.save_separate_files=true"))
     assert (r.save_results, r.extension, r.save_resolution, r.overlay_alpha, r.save_separate_files) == (
         True, ResultExtension.PTH, 128, 0.5, True)
+
+
+def test_finetune_blocks_count_back_from_the_deepest_block_the_head_reads():
+    from dinoseg.engine.config import ConfigError
+
+    model = build_model(cfg("decoder_head.backbone_out_layers=[0,1]", "model.finetune.mode=blocks",
+                            "model.finetune.blocks=2"))
+    trains = {n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")}
+    assert trains == {"0", "1"}  # blocks 2 and 3 never run
+    with pytest.raises(ConfigError, match=r"^model.finetune.blocks=3: must be an integer in \[1, 2\]: this backbone has "
+                                          r"4 blocks \(the head reads up to block 1\)$"):
+        build_model(cfg("decoder_head.backbone_out_layers=[0,1]", "model.finetune.mode=blocks", "model.finetune.blocks=3"))
+    lora = build_model(cfg("decoder_head.backbone_out_layers=[1]", "model.finetune.mode=lora"))
+    assert {n.split(".")[3] for n, p in lora.named_parameters() if p.requires_grad and n.startswith("encoder.")} == {"0", "1"}

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dinoseg import ConvNeXt, DinoVisionTransformer
+from dinoseg.engine.optim import build_optimizer
 from dinoseg.layers import LinearKMaskedBias
 from dinoseg.layers.drop_path import DropPath, drop_path
 from dinoseg.layers.lora import LoRALinear
@@ -192,7 +193,7 @@ def test_only_adapted_tensors_get_gradients_and_change_after_a_step(name, mode):
     model = TinyModel(adapt_backbone(backbone, mode, blocks=1, targets=LORA_ALL[name] if mode == "lora" else None))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     set_train_mode(model)
-    optimizer = torch.optim.AdamW(param_groups(model, 1e-2, 1e-2), lr=1e-2)
+    optimizer = build_optimizer(model, 1e-2, (0.9, 0.999), 1e-2, param_groups=param_groups(model, 1e-2))
     model(image(name, ref)[:, :, :64, :64]).backward()
     adapted = {"backbone." + n for n in adapted_names(model.backbone)}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -367,27 +368,27 @@ def test_layer_ids_follow_the_beit_convention():
 
 def test_param_groups_scale_the_backbone_lr_per_layer():
     frozen = TinyModel(official(VIT_MLP)[0])
-    groups = param_groups(frozen, 1e-3, 0.05)
-    assert len(groups) == 1 and groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 0.05
+    groups = param_groups(frozen, 0.05)
+    assert len(groups) == 1 and groups[0]["lr_scale"] == 1.0 and groups[0]["weight_decay"] == 0.05
     assert groups[0]["params"] == [p for p in frozen.parameters() if p.requires_grad]
 
     model = TinyModel(adapt_backbone(official(VIT_MLP)[0], "blocks", blocks=2))
-    groups = param_groups(model, 1e-3, 0.05, lr_multiplier=0.1, layer_decay=0.5)
-    assert groups[0]["params"] == [model.head.weight, model.head.bias] and groups[0]["lr"] == 1e-3
+    groups = param_groups(model, 0.05, lr_multiplier=0.1, layer_decay=0.5)
+    assert groups[0]["params"] == [model.head.weight, model.head.bias] and groups[0]["lr_scale"] == 1.0
     names = {id(p): n for n, p in model.named_parameters()}
     seen = []
     for group in groups[1:]:
         for p in group["params"]:
             name = names[id(p)]
             depth = int(name.split(".")[2]) + 1  # backbone.blocks.<i>.
-            assert group["lr"] == pytest.approx(1e-3 * 0.1 * 0.5 ** (4 + 1 - depth)), name
+            assert group["lr_scale"] == pytest.approx(0.1 * 0.5 ** (4 + 1 - depth)), name
             assert group["weight_decay"] == (0.05 if p.ndim >= 2 else 0.0), name
             seen.append(name)
     assert sorted(seen) == sorted("backbone." + n for n in adapted_names(model.backbone))
     with pytest.raises(FinetuneError, match=r"^model.finetune.layer_decay=1.5: must be a number in \(0, 1\]$"):
-        param_groups(model, 1e-3, 0.05, layer_decay=1.5)
+        param_groups(model, 0.05, layer_decay=1.5)
     with pytest.raises(FinetuneError, match=r"^model.finetune.lr_multiplier=0: must be a number > 0$"):
-        param_groups(model, 1e-3, 0.05, lr_multiplier=0)
+        param_groups(model, 0.05, lr_multiplier=0)
 
 
 # -- precision, drop path, gradient checkpointing ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Training checkpoints: the head only, written atomically by rank 0, with everything needed for an exact resume."""
+"""Training checkpoints: the head only (with the adapted tensors of an adapted backbone, and the record of that
+backbone), written atomically by rank 0, with everything needed for an exact resume."""
 
 import logging
 import random
@@ -11,6 +12,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..models.checkpoint import CheckpointError, load_head_state_dict, load_state_dict_file, read_torch_file
+from ..models.finetune import RECORD, adaptation_record, check_adaptation_record
 from ..models.frozen import head_state_dict
 from . import distributed
 from .config import ConfigError, merge_layers
@@ -92,6 +94,9 @@ def save_checkpoint(path: Path, *, model, step, iteration: int, best: dict, conf
         "rng": _to_plain(states),
         "config": config_yaml,
     }
+    record = adaptation_record(model)
+    if record is not None:  # an adapted backbone: its settings and the identity of its base (frozen: no entry)
+        payload[RECORD] = record
     try:
         write_atomically(path, lambda f: torch.save(payload, f))
     except OSError as e:
@@ -191,9 +196,11 @@ class Resumed:
         return dict(self.checkpoint["best"]) if self.checkpoint is not None else {}
 
     def restore(self, model, step) -> int:
-        """The head's weights into `model` and the optimizer, schedule and gradient-scaler states into `step` (the
-        `OptimizerStep`); returns the iteration the run starts at."""
+        """The head's weights (and adapted tensors) into `model` and the optimizer, schedule and gradient-scaler
+        states into `step` (the `OptimizerStep`); returns the iteration the run starts at. Adapted tensors recorded
+        for another base backbone than `model`'s are refused (one line)."""
         if self.checkpoint is not None:
+            check_adaptation_record(self.checkpoint.get(RECORD), model, str(self.path))
             load_head_state_dict(model, self.checkpoint["model"], source=str(self.path))
             step.load_state_dict(self.checkpoint)
         return self.iteration

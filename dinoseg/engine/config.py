@@ -38,9 +38,42 @@ class Precision(Enum):
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.value]
 
 
+class FinetuneMode(Enum):
+    """`model.finetune.mode`: what of the backbone trains with the head."""
+
+    FROZEN = "frozen"  # nothing: the official protocol
+    LORA = "lora"  # low-rank adapters on the linear layers of its blocks
+    BLOCKS = "blocks"  # its last blocks (ConvNeXt: stages)
+
+
+@dataclass
+class FinetuneConfig:
+    """Backbone adaptation (README "Backbone adaptation"); every task reads it the same way."""
+
+    mode: FinetuneMode = FinetuneMode.FROZEN
+    lora_rank: int = 8  # lora: rank of the adapters (the update is lora_alpha / lora_rank x B A)
+    lora_alpha: float = 16.0
+    # lora: names of the linear layers of the blocks to adapt (ViT: qkv, proj, fc1, fc2, or w1, w2, w3 for SwiGLU;
+    # ConvNeXt: pwconv1, pwconv2); null: the architecture's default, [qkv, proj] on a ViT, [pwconv1, pwconv2] on a
+    # ConvNeXt.
+    lora_targets: list[str] | None = None
+    blocks: int = 2  # blocks: the last N blocks the head reads (ConvNeXt: stages) train
+    lr_multiplier: float = 0.1  # learning rate of the adapted tensors relative to the head's
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of n trains at lr_multiplier x layer_decay ** (n - i)
+    gradient_checkpointing: bool = False  # recompute the trained blocks' activations in the backward pass
+
+
+def finetune_kwargs(section) -> dict:
+    """The keywords of `models.finetune.adapt_backbone` held by a `FinetuneConfig` section."""
+    targets = section.lora_targets
+    return {"mode": FinetuneMode(section.mode).value, "rank": section.lora_rank, "alpha": float(section.lora_alpha),
+            "targets": None if targets is None else [str(t) for t in targets], "blocks": section.blocks,
+            "gradient_checkpointing": bool(section.gradient_checkpointing)}
+
+
 @dataclass
 class ModelConfig:
-    """The frozen backbone."""
+    """The backbone: frozen, or adapted as `finetune` says."""
 
     # A hub name (dinov3_vits16 ... dinov3_vit7b16, dinov3_convnext_tiny ... _large) or None to build a ViT from
     # `backbone_kwargs`; a custom ConvNeXt is a dinov3_convnext_* name with `depths` / `dims` overrides.
@@ -58,6 +91,7 @@ class ModelConfig:
     # Storage dtype of the frozen backbone (and, in eval / predict, of the head): bfloat16 / float16 halve its memory;
     # normalisations and RoPE periods stay float32, and the forward runs under autocast in that dtype.
     weights_dtype: Precision = Precision.FLOAT32
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -252,6 +286,14 @@ def layer_value(layers: list[DictConfig], key: str, default=None):
     return default
 
 
+def is_given(layers: list[DictConfig], key: str) -> bool:
+    """Whether a YAML file or override sets the dotted `key` (rather than leaving it to the schema's default)."""
+    return any(OmegaConf.select(layer, key, default=_ABSENT) is not _ABSENT for layer in layers)
+
+
+_ABSENT = object()
+
+
 def save_config(cfg: DictConfig, path: str | Path) -> Path:
     path = Path(path)
     OmegaConf.save(cfg, path, resolve=True)
@@ -333,6 +375,14 @@ def validate_common(cfg: DictConfig) -> None:
     total = cfg.scheduler.total_iter
     check_ranges(cfg, {
         "model.random_init_seed": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "model.finetune.lora_rank": (lambda v: v >= 1, "must be >= 1"),
+        "model.finetune.lora_alpha": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+        "model.finetune.lora_targets": (lambda v: len(v) > 0 and len(set(v)) == len(v),
+                                        "expected a non-empty list of layer names, each once (or null: the "
+                                        "architecture's default)"),
+        "model.finetune.blocks": (lambda v: v >= 1, "must be >= 1"),
+        "model.finetune.lr_multiplier": (lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0"),
+        "model.finetune.layer_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
         "optimizer.lr": POSITIVE, "optimizer.beta1": OPEN_FRACTION, "optimizer.beta2": OPEN_FRACTION,
         "optimizer.weight_decay": NON_NEGATIVE, "optimizer.gradient_clip": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
         "scheduler.total_iter": POSITIVE,

@@ -16,7 +16,10 @@ rest, the same way for every task:
 - a dynamic size that torch.export cannot keep symbolic, or that does not reproduce PyTorch at a second size,
   falls back to the task's fixed size (with a warning) when it has one;
 - the metadata is stored in `metadata_props` as JSON values, with `input_size` ("dynamic" or [H, W]), `opset`
-  and `outputs` added.
+  and `outputs` added;
+- a backbone adapted with LoRA is exported with its adapters folded into its weights (one plain graph, the
+  official backbone structure), after checking that the merged model's outputs equal the unmerged one's within
+  `MERGE_TOLERANCE`; the model is left as it was.
 
 Where the time goes (`benchmarks/export_onnx.py`, README "Deploying as ONNX"): nearly all of it is tracing,
 torch.export then the exporter's decomposition of its graph (a second trace), both with symbolic sizes when the
@@ -65,6 +68,7 @@ INPUT = "image"
 # Structural export errors (a wrong size rule, a constant that should follow the input) show as differences of
 # the order of the outputs; float32 reordering in a deep backbone stays far below this fraction of their scale.
 VERIFY_TOLERANCE = 1e-3
+MERGE_TOLERANCE = 1e-5  # merged LoRA vs the adapters computed apart: float32 rounding only
 
 
 class ExportError(RuntimeError):
@@ -266,6 +270,7 @@ class ExportReport:
     dynamic: bool
     max_difference: float
     seconds: dict[str, float] = field(default_factory=dict)
+    merge_difference: float | None = None  # LoRA merged: largest relative difference to the unmerged model
 
 
 class _DynamicSizeError(ExportError):
@@ -305,16 +310,61 @@ def write_onnx(
     module.eval()
     write = functools.partial(_write, module, path, size_multiple=size_multiple, min_size=min_size, opset=opset,
                               outputs=tuple(outputs), metadata=metadata, doc=doc, what=what, start=start)
-    if image_size is not None:
-        return write(tuple(image_size))
-    try:
-        return write(None)
-    except _DynamicSizeError as e:
-        if fallback_size is None:
-            raise ExportError(f"{e}; export a fixed size instead (--size H W)") from None
-        logger.warning("export: a dynamic input size cannot be made exact (%s); exporting a fixed %d x %d graph "
-                       "instead", e, *fallback_size)
-        return write(tuple(fallback_size))
+    sample = _samples(None if image_size is None else tuple(image_size), size_multiple, min_size)[0]
+    with merged_lora(module, sample, outputs, what) as merge_difference:
+        if image_size is not None:
+            report = write(tuple(image_size))
+        else:
+            try:
+                report = write(None)
+            except _DynamicSizeError as e:
+                if fallback_size is None:
+                    raise ExportError(f"{e}; export a fixed size instead (--size H W)") from None
+                logger.warning("export: a dynamic input size cannot be made exact (%s); exporting a fixed %d x %d "
+                               "graph instead", e, *fallback_size)
+                report = write(tuple(fallback_size))
+    report.merge_difference = merge_difference
+    return report
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's outputs (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+@contextlib.contextmanager
+def merged_lora(module: nn.Module, sample: torch.Tensor, outputs: Sequence[str], what: str = "the model"):
+    """Within the block, the LoRA adapters of `module`'s backbone are folded into its weights
+    (`models.finetune.lora_merged`), once the merged module is checked to give the unmerged one's outputs on
+    `sample` within `MERGE_TOLERANCE` (relative to each output's scale, as the ONNX verification); yields that
+    difference, None when `module` holds no LoRA adapter (then nothing changes)."""
+    from ..layers.lora import LoRALinear
+    from ..models.finetune import lora_merged
+
+    if not any(isinstance(m, LoRALinear) for m in module.modules()):
+        yield None
+        return
+    with torch.no_grad():
+        before = module(sample)
+    with lora_merged(module):
+        with torch.no_grad():
+            after = module(sample)
+        worst = 0.0
+        for i, (ref, out) in enumerate(zip(_tensors(before), _tensors(after))):
+            name = outputs[i] if i < len(outputs) else str(i)
+            if ref.numel() == 0:
+                continue
+            diff = float((out - ref).abs().max() / max(1.0, float(ref.abs().max())))
+            if not diff <= MERGE_TOLERANCE:
+                raise ExportError(f"output {name}: merging the LoRA adapters into the weights changes {what}'s output "
+                                  f"by {diff:.2e} (relative), more than {MERGE_TOLERANCE:g}")
+            worst = max(worst, diff)
+        logger.info("export: LoRA adapters merged into the backbone's weights (outputs within %.1e of the unmerged "
+                    "model)", worst)
+        yield worst
 
 
 def sample_sizes(size_multiple: int, min_size: int = 1) -> list[tuple[int, int]]:

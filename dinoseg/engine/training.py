@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..data.loaders import InfiniteDataloader, make_data_loader, worker_init_fn
-from ..models.frozen import frozen_prefixes
+from ..models.frozen import frozen_names
 from . import distributed
 from .checkpoint import Resumed, check_resume, check_world_size, load_checkpoint
 from .config import Resume
@@ -116,12 +116,13 @@ def evaluation_loader(dataset, *, num_workers: int, seed: int, max_samples: int 
 
 
 def wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP over the trainable part only: the frozen backbone is neither broadcast nor all-reduced."""
+    """DDP over the trainable part only: the head and the adapted tensors of an adapted backbone; the frozen
+    backbone weights are neither broadcast nor all-reduced."""
     if not distributed.is_enabled():
         return model
     model = distributed.convert_sync_batchnorm(model, device)
-    frozen = tuple(frozen_prefixes(model))
-    ignored = [n for n, _ in model.named_parameters() if n.startswith(frozen)]
-    ignored += [n for n, _ in model.named_buffers() if n.startswith(frozen)]
+    frozen = frozen_names(model)
+    ignored = [n for n, _ in model.named_parameters() if n in frozen]
+    ignored += [n for n, _ in model.named_buffers() if n in frozen]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -1,4 +1,4 @@
-"""Frozen-backbone feature extraction shared by every evaluation task."""
+"""Frozen (or adapted) backbone feature extraction shared by every evaluation task."""
 
 import contextlib
 from enum import Enum
@@ -6,7 +6,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from ..models.frozen import freeze_backbone
+from ..models.frozen import backbone_grad_mode, freeze_backbone, set_backbone_mode
 
 
 class BackboneLayersSet(Enum):
@@ -35,7 +35,8 @@ class ModelWithIntermediateLayers(nn.Module):
     `n` is a number of last blocks or a list of block indices (as `get_intermediate_layers`); `reshape` and
     `return_class_token` as there (official defaults: token sequences, with the class token). The backbone
     is frozen and kept in eval mode, and its forward runs under `no_grad` so no autograd graph is built for
-    it; unlike `inference_mode`, the outputs are ordinary tensors that a trainable head can consume.
+    it; unlike `inference_mode`, the outputs are ordinary tensors that a trainable head can consume. An adapted
+    backbone (`dinoseg.models.finetune`) runs with gradients, its trained blocks in training mode with the model.
     """
 
     def __init__(
@@ -63,11 +64,12 @@ class ModelWithIntermediateLayers(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.feature_model.eval()  # never leave eval mode (RoPE coordinate augmentation is pre-training only)
+        # Eval mode but for the blocks an adaptation trains (RoPE coordinate augmentation is pre-training only).
+        set_backbone_mode(self.feature_model, mode)
         return self
 
     def forward(self, images: torch.Tensor):
-        with torch.no_grad(), self.autocast_ctx():
+        with backbone_grad_mode(self.feature_model), self.autocast_ctx():
             return self.feature_model.get_intermediate_layers(
                 images, n=self.n, reshape=self.reshape, return_class_token=self.return_class_token
             )

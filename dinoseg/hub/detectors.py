@@ -16,6 +16,7 @@ from ..eval.detection.models.detr import PostProcess, build_model, load_detector
 from ..eval.detection.models.released import N_WINDOWS_SQRT, DetectionWeights, head_location, released_head_config
 from ..models.backbones import Weights, make_backbone
 from ..models.checkpoint import CheckpointError, load_state_dict_file, resolve_weights_path
+from ..models.finetune import adapt_for_head_file
 from ..models.precision import cast_weights
 
 
@@ -66,6 +67,7 @@ def _make_dinov3_detector(
         state_dict = load_state_dict_file(head)
         backbone = make_backbone(backbone_name, pretrained=True, weights=backbone_weights, check_hash=check_hash,
                                  dtype=dtype, **options)
+        backbone = adapt_for_head_file(backbone, head, backbone_name, backbone_weights)  # a local run's adapted one
         with torch.device("meta"):
             detector = build_model(backbone, config)
         load_detector_head(detector, state_dict, source=head)

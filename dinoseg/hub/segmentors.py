@@ -23,6 +23,7 @@ from ..eval.segmentation.models import (
 from ..eval.segmentation.models.released import M2F_HEAD_HASHES, SegmentorWeights, head_location
 from ..models.backbones import Weights, make_backbone
 from ..models.checkpoint import CheckpointError, load_state_dict_file, resolve_weights_path
+from ..models.finetune import adapt_for_head_file
 from ..models.precision import cast_weights
 
 
@@ -42,6 +43,7 @@ def _segmentor(backbone_name: str, *, pretrained: bool, weights, backbone_weight
     load_state_dict_file(head)
     backbone = make_backbone(backbone_name, pretrained=True, weights=backbone_weights, check_hash=check_hash,
                              dtype=dtype, **options)
+    backbone = adapt_for_head_file(backbone, head, backbone_name, backbone_weights)  # a local run's adapted backbone
     segmentor = build_segmentor_with_head(backbone, str(head), source=location, dtype=dtype, **decoder_args)
     return segmentor.to(device) if device is not None else segmentor
 

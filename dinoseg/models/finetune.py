@@ -16,7 +16,9 @@
 Errors in the values are `FinetuneError` (a ValueError) naming the `model.finetune` key.
 """
 
+import contextlib
 import hashlib
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,9 +26,9 @@ from torch import nn
 
 from ..layers.lora import LoRALinear
 from .backbones import _weights_location
-from .checkpoint import CheckpointError, describe_mismatch, resolve_weights_path
+from .checkpoint import CheckpointError, describe_mismatch, read_torch_file, resolve_weights_path
 from .convnext import ConvNeXt
-from .frozen import ADAPTATION, Adaptation, adaptation_of, freeze_backbone, trainable_backbone_names
+from .frozen import ADAPTATION, Adaptation, adaptation_of, freeze_backbone
 from .precision import HALF_DTYPES
 from .vision_transformer import DinoVisionTransformer
 
@@ -103,6 +105,7 @@ def adapt_backbone(
     gradient_checkpointing: bool = False,
     last_read_block: int | None = None,
     seed: int = 0,
+    identity: dict | None = None,
 ) -> nn.Module:
     """Adapt `backbone` (a DINOv3 ViT or ConvNeXt with its weights loaded) in place and return it, frozen but for
     the adapted tensors (see the module docstring). `mode` "frozen" returns it untouched.
@@ -112,7 +115,8 @@ def adapt_backbone(
     `DEFAULT_LORA_TARGETS`. blocks: how many of the last blocks (ConvNeXt: stages) train. gradient_checkpointing:
     recompute the activations of the blocks that train in the backward pass. last_read_block: the deepest block
     (ConvNeXt: stage) the head reads, None for the last: blocks past it never run, so LoRA leaves them alone and
-    `blocks` counts back from it. seed: draws the LoRA `A` matrices (the global RNG is not touched).
+    `blocks` counts back from it. seed: draws the LoRA `A` matrices (the global RNG is not touched). identity:
+    the base backbone's `backbone_identity`, kept with the adaptation for the checkpoints to record.
     """
     if mode not in MODES:
         raise FinetuneError("mode", mode, f"expected one of {', '.join(MODES)}")
@@ -150,7 +154,7 @@ def adapt_backbone(
         for module in backbone.get_submodule(unit).modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = bool(gradient_checkpointing)
-    setattr(backbone, ADAPTATION, Adaptation(mode, trainable, train_modules, settings))
+    setattr(backbone, ADAPTATION, Adaptation(mode, trainable, train_modules, settings, identity))
     if mode == "lora" and not getattr(backbone, "_dinoseg_lora_hook", False):
         backbone.register_load_state_dict_pre_hook(_keep_adapters_on_base_load)
         backbone._dinoseg_lora_hook = True
@@ -248,38 +252,76 @@ def merge_lora(backbone: nn.Module) -> nn.Module:
     return freeze_backbone(backbone)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, *, lr_multiplier: float = 0.1,
+def param_groups(model: nn.Module, weight_decay: float, *, lr_multiplier: float = 0.1,
                  layer_decay: float = 1.0) -> list[dict]:
-    """AdamW parameter groups over the trainable parameters of `model`: the head first (`lr`, `weight_decay`), then
-    the adapted backbone tensors at lr * lr_multiplier * layer_decay ** (n + 1 - layer_id) (see `layer_id`),
-    without weight decay on 1-D tensors (biases, norms, layer scales), as in BEiT / DINOv2 fine-tuning. Without
-    an adapted backbone this is one group, the optimizer of a frozen backbone."""
+    """AdamW parameter groups over the trainable parameters of `model`, for `engine.optim.build_optimizer`: the
+    head first (`lr_scale` 1, `weight_decay`), then the adapted backbone tensors at `lr_scale` = `backbone_lr_scales`
+    (lr_multiplier x layer_decay ** (n + 1 - layer_id)), without weight decay on 1-D tensors (biases, norms,
+    layer scales), as in BEiT / DINOv2 fine-tuning. Without an adapted backbone this is one group, the optimizer
+    of a frozen backbone."""
+    scales = backbone_lr_scales(model, lr_multiplier=lr_multiplier, layer_decay=layer_decay)
+    head = [p for name, p in model.named_parameters() if p.requires_grad and name not in scales]
+    groups = [{"params": head, "lr_scale": 1.0, "weight_decay": weight_decay}] if head else []
+    by_key: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if name not in scales or not param.requires_grad:
+            continue
+        decay = weight_decay if param.ndim >= 2 else 0.0
+        key = (scales[name], decay)
+        if key not in by_key:
+            by_key[key] = {"params": [], "lr_scale": scales[name], "weight_decay": decay}
+            groups.append(by_key[key])
+        by_key[key]["params"].append(param)
+    return groups
+
+
+def backbone_lr_scales(model: nn.Module, *, lr_multiplier: float = 0.1, layer_decay: float = 1.0) -> dict[str, float]:
+    """Name in `model` -> learning-rate scale (relative to the head's) of every adapted backbone tensor:
+    lr_multiplier x layer_decay ** (n + 1 - layer_id), n the backbone's depth (see `layer_id`)."""
     if isinstance(lr_multiplier, bool) or not isinstance(lr_multiplier, (int, float)) or not lr_multiplier > 0:
         raise FinetuneError("lr_multiplier", lr_multiplier, "must be a number > 0")
     if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
         raise FinetuneError("layer_decay", layer_decay, "must be a number in (0, 1]")
-    backbones = {}
-    for module_name, module in model.named_modules():
-        if adaptation_of(module) is not None:
-            backbones[module_name + "." if module_name else ""] = module
-    in_backbones = trainable_backbone_names(model)
-    head = [p for name, p in model.named_parameters() if p.requires_grad and name not in in_backbones]
-    groups = [{"params": head, "lr": lr, "weight_decay": weight_decay}] if head else []
-    by_key: dict[tuple, dict] = {}
-    for name, param in model.named_parameters():
-        if name not in in_backbones or not param.requires_grad:
+    scales = {}
+    for prefix, backbone in adapted_backbones(model):
+        n = n_layers(backbone)
+        for name in adapted_names(backbone):
+            scales[prefix + name] = lr_multiplier * layer_decay ** (n + 1 - layer_id(backbone, name))
+    return scales
+
+
+def adapted_backbones(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name prefix in `model`, backbone) of every adapted backbone in `model` (a backbone itself: prefix "")."""
+    return [(name + "." if name else "", module) for name, module in model.named_modules()
+            if adaptation_of(module) is not None]
+
+
+@contextlib.contextmanager
+def lora_merged(model: nn.Module):
+    """Within the block, every LoRA-adapted backbone of `model` is a plain frozen one, its adapters folded into
+    its weights (`merge_lora`: what an export traces); on exit the adapters are put back unchanged. Yields the
+    number of backbones merged."""
+    swapped = []
+    for _, backbone in adapted_backbones(model):
+        adaptation = adaptation_of(backbone)
+        if adaptation.mode != "lora":
             continue
-        prefix = max((p for p in backbones if name.startswith(p)), key=len)
-        backbone = backbones[prefix]
-        depth = layer_id(backbone, name[len(prefix):])
-        scale = lr_multiplier * layer_decay ** (n_layers(backbone) + 1 - depth)
-        decay = weight_decay if param.ndim >= 2 else 0.0
-        key = (prefix, depth, decay)
-        if key not in by_key:
-            by_key[key] = {"params": [], "lr": lr * scale, "weight_decay": decay}
-            groups.append(by_key[key])
-        by_key[key]["params"].append(param)
-    return groups
+        layers = [(name, module) for name, module in backbone.named_modules() if isinstance(module, LoRALinear)]
+        for name, module in layers:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(backbone.get_submodule(parent_name), attr, module.merged())
+        delattr(backbone, ADAPTATION)
+        freeze_backbone(backbone)
+        swapped.append((backbone, adaptation, layers))
+    try:
+        yield len(swapped)
+    finally:
+        for backbone, adaptation, layers in swapped:
+            for name, module in layers:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(backbone.get_submodule(parent_name), attr, module)
+            setattr(backbone, ADAPTATION, adaptation)
+            freeze_backbone(backbone)
 
 
 # -- identity of the base backbone ---------------------------------------------------------------------------------
@@ -338,3 +380,89 @@ def check_backbone_identity(recorded: dict, current: dict, source: str) -> None:
                 f"checkpoint, {_describe(field, current[field])} here); adapted tensors only apply to their own "
                 f"base backbone"
             )
+
+
+# -- what a head checkpoint records of its adapted backbone --------------------------------------------------------
+
+RECORD = "backbone"  # the entry of a head checkpoint that records its adapted backbone
+_SETTINGS_TO_KWARGS = {"mode": "mode", "last_read_block": "last_read_block", "lora_rank": "rank", "lora_alpha": "alpha",
+                       "lora_targets": "targets", "blocks": "blocks", "gradient_checkpointing": "gradient_checkpointing"}
+
+
+def adaptation_record(model: nn.Module) -> dict | None:
+    """What a head checkpoint of `model` records of its adapted backbone: ``{"identity": backbone_identity,
+    "finetune": the settings it was adapted with}``; None when no backbone of `model` is adapted (a checkpoint of
+    a frozen backbone stays as it always was)."""
+    backbones = adapted_backbones(model)
+    if not backbones:
+        return None
+    if len(backbones) > 1:
+        raise ValueError(f"adaptation_record: {len(backbones)} adapted backbones in one model; a checkpoint records one")
+    adaptation = adaptation_of(backbones[0][1])
+    return {"identity": adaptation.identity, "finetune": dict(adaptation.settings)}
+
+
+def _check_record(record, source: str) -> None:
+    settings = record.get("finetune") if isinstance(record, dict) else None
+    if (not isinstance(record.get("identity") if isinstance(record, dict) else None, dict)
+            or not isinstance(settings, dict) or settings.get("mode") not in MODES[1:]
+            or not set(settings) <= set(_SETTINGS_TO_KWARGS)):
+        raise CheckpointError(f"{source}: its record of the adapted backbone ('{RECORD}') is not readable; the "
+                              f"adapted tensors cannot be applied")
+
+
+def read_adaptation_record(path: str | Path) -> dict | None:
+    """The adapted backbone a dinoseg head checkpoint records (`adaptation_record`); None for a checkpoint of a
+    frozen backbone and for head files that are not ours (official or released heads, safetensors)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    obj = read_torch_file(path, mmap=zipfile.is_zipfile(path))
+    record = obj.get(RECORD) if isinstance(obj, dict) else None
+    if record is None:
+        return None
+    _check_record(record, str(path))
+    return record
+
+
+def adapt_as_recorded(backbone: nn.Module, record: dict | None, identity: dict, source: str) -> nn.Module:
+    """Adapt `backbone` (built, its weights loaded) as the head checkpoint `source` records (`record`, from
+    `read_adaptation_record`), so that the checkpoint's adapted tensors load into it; `identity` is this backbone's
+    `backbone_identity`, which must be the recorded one (`BackboneMismatchError`, one line). None: `backbone`
+    unchanged (a head trained on a frozen backbone)."""
+    if record is None:
+        return backbone
+    _check_record(record, source)
+    check_backbone_identity(record["identity"], identity, source)
+    kwargs = {_SETTINGS_TO_KWARGS[k]: v for k, v in record["finetune"].items()}
+    try:
+        return adapt_backbone(backbone, **kwargs, identity=identity)
+    except FinetuneError as e:
+        raise BackboneMismatchError(f"{source}: its adapted backbone cannot be rebuilt on this one ({e})") from None
+
+
+def check_adaptation_record(recorded: dict | None, model: nn.Module, source: str) -> None:
+    """A training checkpoint's record (None: frozen) against the model it resumes into: the same adaptation of the
+    same base backbone, else `BackboneMismatchError` (one line)."""
+    current = adaptation_record(model)
+    if recorded is None or current is None:
+        if recorded is not current:
+            held = "an adapted backbone's tensors" if recorded is not None else "a head trained on a frozen backbone"
+            raise BackboneMismatchError(f"{source}: holds {held}, but this run's backbone is "
+                                        f"{'adapted' if current is not None else 'frozen'}")
+        return
+    _check_record(recorded, source)
+    check_backbone_identity(recorded["identity"], current["identity"], source)
+    if recorded["finetune"] != current["finetune"]:
+        raise BackboneMismatchError(f"{source}: adapted with {recorded['finetune']}, this run's backbone with "
+                                    f"{current['finetune']}")
+
+
+def adapt_for_head_file(backbone: nn.Module, head: str | Path, dino_hub: str | None, weights) -> nn.Module:
+    """`adapt_as_recorded` with the record of the head file `head` (if any) and the identity of `backbone`, a hub
+    backbone `dino_hub` loaded from `weights` (a path, URL or `Weights` member): what the hub loaders do with a
+    head checkpoint of a local run."""
+    record = read_adaptation_record(head)
+    if record is None:
+        return backbone
+    return adapt_as_recorded(backbone, record, backbone_identity(backbone, dino_hub, weights), str(head))

@@ -7,6 +7,7 @@ else stays frozen, in eval mode, out of checkpoints and out of DDP. Without a re
 exactly as it always has.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ class Adaptation:
     trainable: tuple[str, ...]  # parameter names: the adapted tensors, what a checkpoint holds
     train_modules: tuple[str, ...]  # the blocks that hold them: in training mode while the model trains
     settings: dict  # the values the backbone was adapted with (rank, alpha, targets, blocks, ...)
+    identity: dict | None = None  # the base backbone (`finetune.backbone_identity`), recorded in checkpoints
 
 
 def freeze_backbone(module: nn.Module) -> nn.Module:
@@ -110,3 +112,9 @@ def backbone_trains(backbone: nn.Module) -> bool:
     """Whether gradients must flow through `backbone` (it holds tensors that train); a frozen one runs without
     an autograd graph."""
     return any(p.requires_grad for p in backbone.parameters())
+
+
+def backbone_grad_mode(backbone: nn.Module):
+    """The context a wrapper runs `backbone` in: `torch.no_grad()` for a frozen one (no autograd graph), none for
+    one that holds tensors that train."""
+    return contextlib.nullcontext() if backbone_trains(backbone) else torch.no_grad()

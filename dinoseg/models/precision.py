@@ -15,16 +15,21 @@ import functools
 import torch
 from torch import nn
 
+from ..layers.lora import LoRALinear
+
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 KEEP_FLOAT32_BUFFERS = ("periods",)  # RoPE: the angles of far-away positions need float32 periods
 
 
 def float32_names(model: nn.Module) -> set[str]:
-    """State-dict names of the tensors that stay float32 when `model` is stored in half precision."""
+    """State-dict names of the tensors that stay float32 when `model` is stored in half precision (LoRA adapters
+    included: they are small, and train in float32 over half weights)."""
     keep = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
+        if isinstance(module, LoRALinear):
+            keep |= {prefix + "lora_A", prefix + "lora_B"}
         if isinstance(module, NORMS):
             keep |= {prefix + n for n, _ in module.named_parameters()} | {prefix + n for n, _ in module.named_buffers()}
         else:

@@ -8,10 +8,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ...data import DatasetError, DepthDataset, make_dataset
 from ...data.depth_check import sampled_units_fault
-from ...engine.config import ConfigError, Precision
+from ...engine.adaptation import adapt_for_head, adapt_for_training, base_identity, optimizer_groups
+from ...engine.config import ConfigError, Precision, finetune_kwargs
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.backbones import build_backbone as _build_backbone
-from ...models.frozen import freeze_backbone
+from ...models.checkpoint import load_head_state_dict
+from ...models.frozen import adaptation_of, freeze_backbone
 from ...models.precision import cast_weights
 from .config import (
     DecoderConfig,
@@ -22,6 +24,7 @@ from .config import (
 from .eval import DepthEvalSettings
 from .loss import MultiLoss
 from .models import Depther, load_decoder_state_dict, make_depther_from_config
+from .models.encoder import backbone_out_indices
 
 
 def build_backbone(cfg: DictConfig) -> torch.nn.Module:
@@ -37,20 +40,48 @@ def decoder_config(cfg: DictConfig) -> DecoderConfig:
     return OmegaConf.to_object(cfg.decoder_head)
 
 
-def build_model(cfg: DictConfig, backbone: torch.nn.Module | None = None) -> Depther:
-    """The configured depther with a freshly initialised head (in eval mode)."""
-    backbone = backbone if backbone is not None else build_backbone(cfg)
+def _identity(cfg: DictConfig, backbone: torch.nn.Module):
+    m = cfg.model
+    return lambda: base_identity(backbone, dino_hub=m.dino_hub, pretrained_weights=m.pretrained_weights,
+                                 random_init=m.random_init, random_init_seed=m.random_init_seed)
+
+
+def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+    """`backbone` adapted as `model.finetune` says, for training the configured head: blocks past the deepest one it
+    reads (`decoder_head.backbone_out_layers`) never run, so they are neither adapted nor trained."""
+    try:
+        last = max(backbone_out_indices(backbone.n_blocks, decoder_config(cfg).backbone_out_layers))
+    except ValueError as e:
+        raise ConfigError(f"decoder_head: {e}") from None
+    return adapt_for_training(backbone, finetune_kwargs(cfg.model.finetune), identity=_identity(cfg, backbone),
+                              last_read_block=last, seed=cfg.seed)
+
+
+def _depther(cfg: DictConfig, backbone: torch.nn.Module) -> Depther:
     try:
         return make_depther_from_config(backbone, decoder_config(cfg), autocast_dtype=Precision(cfg.precision).dtype)
     except (ValueError, TypeError) as e:  # layer indices past the backbone's depth, bad head options...
         raise ConfigError(f"decoder_head: {e}") from None
 
 
+def build_model(cfg: DictConfig, backbone: torch.nn.Module | None = None) -> Depther:
+    """The configured depther with a freshly initialised head (in eval mode), its backbone adapted as
+    `model.finetune` says."""
+    return _depther(cfg, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg)))
+
+
 def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -> Depther:
     """The configured depther with its head loaded strictly from `head_state_dict` (named `source` in errors):
-    ours (``decoder.*``), the official trainer's (``module.*``) or a released head file (no prefix). With
+    ours (``decoder.*``, with the adapted tensors of an adapted backbone, which is rebuilt as the checkpoint
+    records), the official trainer's (``module.*``) or a released head file (no prefix). With
     `model.weights_dtype` half, the head is stored in half precision too."""
-    depther = load_decoder_state_dict(build_model(cfg), head_state_dict, source=source)
+    backbone = build_backbone(cfg)
+    backbone = adapt_for_head(backbone, source, identity=_identity(cfg, backbone))
+    depther = _depther(cfg, backbone)
+    if adaptation_of(backbone) is not None:
+        load_head_state_dict(depther, head_state_dict, source=source)
+    else:
+        load_decoder_state_dict(depther, head_state_dict, source=source)
     return cast_weights(depther, Precision(cfg.model.weights_dtype).dtype)
 
 
@@ -59,8 +90,9 @@ def build_criterion(cfg: DictConfig) -> MultiLoss:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
-    o = cfg.optimizer
-    return _build_optimizer(model, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    o, f = cfg.optimizer, cfg.model.finetune
+    groups = optimizer_groups(model, o.weight_decay, lr_multiplier=f.lr_multiplier, layer_decay=f.layer_decay)
+    return _build_optimizer(model, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, param_groups=groups)
 
 
 def _depth_dataset(cfg: DictConfig, key: str, transforms) -> DepthDataset:

@@ -1,5 +1,5 @@
-"""Training loop for a depth head on a frozen DINOv3 backbone (one process or many under torchrun): the official
-iteration recipe, built from the engine's parts.
+"""Training loop for a depth head on a frozen (or adapted: `model.finetune`) DINOv3 backbone (one process or many
+under torchrun): the official iteration recipe, built from the engine's parts.
 
 Read it top to bottom: set-up, data, model, optimisation objects, optional resume, then the iteration loop (train
 step, periodic validation without TTA, periodic checkpoint), the final evaluation of `datasets.test` with the
@@ -29,6 +29,7 @@ from ...engine.training import (
     wrap_distributed,
 )
 from ...layers.deterministic import resize_bilinear
+from ...models.finetune import RECORD, adaptation_record
 from ...models.frozen import head_state_dict, set_train_mode
 from .config import DepthConfig
 from .datasets.datasets_utils import make_valid_mask
@@ -183,7 +184,11 @@ def train_depth(cfg: DictConfig) -> dict:
                                    sample_name=test_set.sample_name, result_config=saving, save_dir=out)
     if rank == 0:
         write_results(results, out, dataset_name(test), cfg.metrics)
-        decoder = {k.removeprefix("decoder."): v for k, v in head_state_dict(model).items()}
-        write_atomically(out / FINAL_FILENAME, lambda f: torch.save({"model": decoder, "iteration": total}, f))
+        record = adaptation_record(model)
+        if record is None:  # the official layout: the decoder's keys
+            final = {"model": {k.removeprefix("decoder."): v for k, v in head_state_dict(model).items()}}
+        else:  # with the adapted tensors under their full names, and the backbone they apply to
+            final = {"model": head_state_dict(model), RECORD: record}
+        write_atomically(out / FINAL_FILENAME, lambda f: torch.save({**final, "iteration": total}, f))
     distributed.barrier()
     return results

@@ -23,10 +23,12 @@ from ...engine.config import (
     NON_NEGATIVE,
     POSITIVE,
     ConfigError,
+    FinetuneMode,
     ModelConfig,
     Precision,
     check_ranges,
     fail,
+    is_given,
     merge_layers,
     read_layers,
     validate_common,
@@ -86,7 +88,9 @@ class DecoderConfig:
     add_transformer_encoder: bool = True
     num_encoder_layers: int = 6
     layers_to_use: Any = None  # the last n blocks (int) or block indices; None: four evenly spaced
-    blocks_to_train: list[int] | None = None  # accepted as officially; no effect (the backbone stays frozen)
+    # Official: the ViT blocks that train (hard-coded off there). Given, it means model.finetune.mode=blocks with
+    # model.finetune.blocks=len(list); it must be the last blocks the head reads (README "Backbone adaptation").
+    blocks_to_train: list[int] | None = None
     n_windows_sqrt: int = 0
     proposal_in_stride: int | None = None  # None: the patch size
     proposal_tgt_strides: list[int] | None = None  # None: 0.5, 1, 2, 4 x the patch size
@@ -115,7 +119,9 @@ WD_NORM_NAMES = ["norm", "bias", "rpb_mlp", "cpb_mlp", "logit_scale", "relative_
 class DetectionOptimizerConfig(engine_config.OptimizerConfig):
     """AdamW with Plain-DETR's defaults (`main.py`) and its parameter groups: parameters whose name contains one of
     `lr_backbone_names` train at `lr_backbone` (the trainable parts of the backbone: its LayerNorms with
-    `decoder_head.backbone_use_layernorm`), those matching `wd_norm_names` with weight decay x `wd_norm_mult`."""
+    `decoder_head.backbone_use_layernorm`, and the adapted tensors of an adapted backbone), those matching
+    `wd_norm_names` with weight decay x `wd_norm_mult`. `lr_backbone` is Plain-DETR's name for `lr` x
+    `model.finetune.lr_multiplier`: give either (the other follows), or both consistently."""
 
     lr: float = 2e-4
     weight_decay: float = 1e-4
@@ -212,7 +218,45 @@ def load_config(yaml_paths=(), overrides=(), require: tuple[str, ...] = ("",)) -
 def config_from_layers(layers, require: tuple[str, ...] = ("",)) -> DictConfig:
     cfg = merge_layers(DetectionConfig, layers, require)
     validate_config(cfg)
+    reconcile_backbone_training(cfg, layers)
     return cfg
+
+
+def reconcile_backbone_training(cfg: DictConfig, layers) -> None:
+    """The official / Plain-DETR names of what `model.finetune` says, made one with it (in `cfg`, so that the saved
+    config records both consistently); a contradiction between them is a one-line error. `layers` tell which keys
+    the YAML files and overrides set.
+
+    - `optimizer.lr_backbone` (Plain-DETR, absolute) = `optimizer.lr` x `model.finetune.lr_multiplier`: the one not
+      given follows the other; when neither is given, Plain-DETR's 2e-5 stands (so frozen runs train as before).
+    - `decoder_head.blocks_to_train` (official, a list of block indices) = `model.finetune.mode: blocks` with
+      `model.finetune.blocks` = its length (which blocks: checked when the backbone is built)."""
+    o, f = cfg.optimizer, cfg.model.finetune
+    if is_given(layers, "model.finetune.lr_multiplier") and is_given(layers, "optimizer.lr_backbone"):
+        if not math.isclose(o.lr_backbone, o.lr * f.lr_multiplier, rel_tol=1e-6):
+            raise ConfigError(f"optimizer.lr_backbone={o.lr_backbone!r} and model.finetune.lr_multiplier="
+                              f"{f.lr_multiplier!r} x optimizer.lr={o.lr!r} give the backbone two learning rates: set one "
+                              f"of them (lr_backbone is Plain-DETR's name for lr x lr_multiplier)")
+    elif is_given(layers, "model.finetune.lr_multiplier"):
+        o.lr_backbone = o.lr * f.lr_multiplier
+    elif o.lr_backbone > 0:
+        f.lr_multiplier = o.lr_backbone / o.lr
+    elif FinetuneMode(f.mode) != FinetuneMode.FROZEN:
+        fail("optimizer.lr_backbone", o.lr_backbone, f"the adapted backbone (model.finetune.mode={FinetuneMode(f.mode).value}) "
+             "would not train; give it a learning rate > 0")
+    chosen = cfg.decoder_head.blocks_to_train
+    if chosen is None:
+        return
+    mode = FinetuneMode(f.mode)
+    if mode == FinetuneMode.LORA or (mode == FinetuneMode.FROZEN and is_given(layers, "model.finetune.mode")):
+        other = f"model.finetune.mode={mode.value}"
+    elif is_given(layers, "model.finetune.blocks") and f.blocks != len(chosen):
+        other = f"model.finetune.blocks={f.blocks}"
+    else:
+        f.mode, f.blocks = FinetuneMode.BLOCKS, len(chosen)
+        return
+    fail("decoder_head.blocks_to_train", list(chosen), f"trains {len(chosen)} blocks, {other} says otherwise: set "
+         f"one of them (blocks_to_train is the official name of model.finetune.mode=blocks with blocks={len(chosen)})")
 
 
 def _is_layers(value) -> bool:
@@ -264,6 +308,8 @@ def validate_config(cfg: DictConfig) -> None:
         "decoder_head.num_encoder_layers": NON_NEGATIVE,
         "decoder_head.layers_to_use": (_is_layers, "expected the number of last blocks or a list of block indices"),
         "decoder_head.n_windows_sqrt": NON_NEGATIVE, "decoder_head.proposal_in_stride": POSITIVE,
+        "decoder_head.blocks_to_train": (lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0,
+                                         "expected distinct block indices (or null: the backbone stays frozen)"),
         "decoder_head.proposal_tgt_strides": POSITIVE_SIZES,
         **{f"decoder_head.{k}": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
            for k in LOSS_FIELDS},

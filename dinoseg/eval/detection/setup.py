@@ -6,17 +6,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ...data import DetectionDataset, make_dataset
-from ...engine.config import ConfigError, Precision
+from ...engine.adaptation import adapt_for_head, adapt_for_training, base_identity
+from ...engine.config import ConfigError, Precision, fail, finetune_kwargs
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.backbones import build_backbone as _build_backbone
 from ...models.checkpoint import CheckpointError
+from ...models.finetune import FinetuneError, backbone_lr_scales
 from ...models.frozen import freeze_backbone
 from ...models.precision import cast_weights
 from .config import head_config
 from .loss import SetCriterion
 from .loss import build_criterion as _build_criterion
 from .models import PostProcess, build_model
-from .models.detr import PlainDETR, load_detector_head
+from .models.backbone import block_indices
+from .models.detr import PlainDETR, load_detector_head, resolve_head_config
 from .transforms import DetectionTransform, make_detection_eval_transforms, make_detection_train_transforms
 
 
@@ -29,13 +32,42 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     return freeze_backbone(backbone)
 
 
-def build_detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module | None = None) -> PlainDETR:
-    """The configured detector with a freshly initialised head on the frozen backbone."""
-    backbone = backbone if backbone is not None else build_backbone(cfg)
+def _identity(cfg: DictConfig, backbone: torch.nn.Module):
+    m = cfg.model
+    return lambda: base_identity(backbone, dino_hub=m.dino_hub, pretrained_weights=m.pretrained_weights,
+                                 random_init=m.random_init, random_init_seed=m.random_init_seed)
+
+
+def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+    """`backbone` adapted as `model.finetune` says, for training the configured head: blocks past the deepest one it
+    reads (`decoder_head.layers_to_use`) never run, so they are neither adapted nor trained. The official
+    `decoder_head.blocks_to_train` (turned into `model.finetune.mode: blocks` when the config loads) must name
+    exactly the blocks that mode trains: the last `blocks` of those the head reads."""
+    try:
+        layers = resolve_head_config(backbone, head_config(cfg)).layers_to_use
+        last = max(block_indices(backbone.n_blocks, layers))
+    except ValueError as e:
+        raise ConfigError(f"decoder_head: {e}") from None
+    chosen = cfg.decoder_head.blocks_to_train
+    if chosen is not None:
+        trained = list(range(last - len(chosen) + 1, last + 1))
+        if sorted(chosen) != trained:
+            fail("decoder_head.blocks_to_train", list(chosen), f"dinoseg trains the last blocks the head reads, here "
+                 f"{trained} (the head reads up to block {last}); set model.finetune.blocks={len(chosen)} instead")
+    return adapt_for_training(backbone, finetune_kwargs(cfg.model.finetune), identity=_identity(cfg, backbone),
+                              last_read_block=last, seed=cfg.seed)
+
+
+def _detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module) -> PlainDETR:
     try:
         return build_model(backbone, head_config(cfg, num_classes))
     except ValueError as e:  # layers past the backbone's depth, windows on a backbone too small...
         raise ConfigError(f"decoder_head: {e}") from None
+
+
+def build_detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module | None = None) -> PlainDETR:
+    """The configured detector with a freshly initialised head, its backbone adapted as `model.finetune` says."""
+    return _detector(cfg, num_classes, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg)))
 
 
 def head_num_classes(state_dict: dict, source: str) -> int:
@@ -47,10 +79,13 @@ def head_num_classes(state_dict: dict, source: str) -> int:
 
 
 def build_detector_with_head(cfg: DictConfig, state_dict: dict, source: str) -> PlainDETR:
-    """The configured detector, its head loaded strictly from `state_dict` (a training checkpoint's ``model``, or a
-    released head file); with `model.weights_dtype` half, the head is stored in half precision too."""
+    """The configured detector, its head loaded strictly from `state_dict` (a training checkpoint's ``model``, with
+    the adapted tensors of an adapted backbone, which is rebuilt as the checkpoint `source` records; or a released
+    head file); with `model.weights_dtype` half, the head is stored in half precision too."""
     num_classes = cfg.decoder_head.num_classes or head_num_classes(state_dict, source)
-    model = load_detector_head(build_detector(cfg, num_classes), state_dict, source=source)
+    backbone = build_backbone(cfg)
+    backbone = adapt_for_head(backbone, source, identity=_identity(cfg, backbone))
+    model = load_detector_head(_detector(cfg, num_classes, backbone), state_dict, source=source)
     return cast_weights(model, Precision(cfg.model.weights_dtype).dtype)
 
 
@@ -63,20 +98,24 @@ def build_criterion(cfg: DictConfig, num_classes: int) -> SetCriterion:
 
 
 def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, backbone_names, wd_norm_names,
-                 weight_decay: float, wd_norm_mult: float) -> list[dict]:
+                 weight_decay: float, wd_norm_mult: float, *, layer_decay: float = 1.0) -> list[dict]:
     """Plain-DETR's parameter groups (`util.misc.get_param_dict`, names matched as substrings): the head at `lr`,
     parameters named by `backbone_names` at `lr_backbone`; those named by `wd_norm_names` with weight decay x
     `wd_norm_mult`. (Its `lr_linear_proj_names`, the deformable attention's sampling offsets and reference points,
-    match nothing in these global-attention decoders.)"""
-    groups: dict[tuple[bool, bool], dict] = {}
+    match nothing in these global-attention decoders.) The adapted tensors of an adapted ViT (under `backbone.0`,
+    whatever `backbone_names` says) train at `lr_backbone` x `layer_decay` ** their depth from the top
+    (`models.finetune.backbone_lr_scales`)."""
+    depth_scales = backbone_lr_scales(model, lr_multiplier=1.0, layer_decay=layer_decay)
+    groups: dict[tuple[bool, bool, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        backbone = any(k in name for k in backbone_names)
+        backbone = name in depth_scales or any(k in name for k in backbone_names)
         norm = any(k in name for k in wd_norm_names)
-        key = (backbone, norm)
+        depth_scale = depth_scales.get(name, 1.0)
+        key = (backbone, norm, -depth_scale)
         if key not in groups:
-            groups[key] = {"params": [], "lr_scale": lr_backbone / lr if backbone else 1.0,
+            groups[key] = {"params": [], "lr_scale": (lr_backbone / lr if backbone else 1.0) * depth_scale,
                            "weight_decay": weight_decay * (wd_norm_mult if norm else 1.0)}
         groups[key]["params"].append(p)
     return [groups[k] for k in sorted(groups)]  # the head (no backbone, with decay) first: its lr is logged
@@ -84,8 +123,11 @@ def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, backbone
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
     o = cfg.optimizer
-    groups = param_groups(model, o.lr, o.lr_backbone, list(o.lr_backbone_names), list(o.wd_norm_names), o.weight_decay,
-                          o.wd_norm_mult)
+    try:
+        groups = param_groups(model, o.lr, o.lr_backbone, list(o.lr_backbone_names), list(o.wd_norm_names),
+                              o.weight_decay, o.wd_norm_mult, layer_decay=cfg.model.finetune.layer_decay)
+    except FinetuneError as e:
+        raise ConfigError(str(e)) from None
     return _build_optimizer(model, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, param_groups=groups)
 
 

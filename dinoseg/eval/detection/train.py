@@ -1,5 +1,5 @@
-"""Training loop for a Plain-DETR detection head on a frozen DINOv3 backbone (one process or many under torchrun),
-built from the engine's parts.
+"""Training loop for a Plain-DETR detection head on a frozen (or adapted: `model.finetune`) DINOv3 backbone (one
+process or many under torchrun), built from the engine's parts.
 
 Read it top to bottom: set-up, data, model, loss, optimisation objects, optional resume, then the iteration loop
 (train step with Plain-DETR's hybrid matching loss, periodic COCO validation choosing `checkpoint_best.pth`,

@@ -4,10 +4,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ...data import make_dataset
-from ...engine.config import ConfigError, Precision
+from ...engine.adaptation import adapt_for_head, adapt_for_training, base_identity, optimizer_groups
+from ...engine.config import ConfigError, Precision, finetune_kwargs
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.backbones import build_backbone as _build_backbone
 from ...models.frozen import freeze_backbone
+from ..utils import BackboneLayersSet, get_backbone_out_indices
 from .decoders import decoder
 from .inference import InferenceMode, InferenceSettings
 from .models import DecoderType, FeatureDecoder, build_segmentation_decoder, build_segmentor_with_head
@@ -22,6 +24,23 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     return freeze_backbone(backbone)
 
 
+def _identity(cfg: DictConfig, backbone: torch.nn.Module):
+    m = cfg.model
+    return lambda: base_identity(backbone, dino_hub=m.dino_hub, pretrained_weights=m.pretrained_weights,
+                                 random_init=m.random_init, random_init_seed=m.random_init_seed)
+
+
+def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
+    """`backbone` adapted as `model.finetune` says, for training the configured head: blocks past the deepest one it
+    reads (`decoder_head.backbone_out_layers`) never run, so they are neither adapted nor trained."""
+    try:
+        last = max(get_backbone_out_indices(backbone.n_blocks, BackboneLayersSet(cfg.decoder_head.backbone_out_layers)))
+    except ValueError as e:  # FOUR_* on a backbone of fewer than 4 blocks
+        raise ConfigError(f"decoder_head: {e}") from None
+    return adapt_for_training(backbone, finetune_kwargs(cfg.model.finetune), identity=_identity(cfg, backbone),
+                              last_read_block=last, seed=cfg.seed)
+
+
 def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
     head = cfg.decoder_head
     return dict(backbone_out_layers=head.backbone_out_layers, decoder_type=head.type, num_classes=num_classes,
@@ -29,8 +48,8 @@ def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
 
 
 def build_model(cfg: DictConfig, num_classes: int, backbone=None) -> FeatureDecoder:
-    """The configured segmentor with a freshly initialised head."""
-    backbone = backbone if backbone is not None else build_backbone(cfg)
+    """The configured segmentor with a freshly initialised head, its backbone adapted as `model.finetune` says."""
+    backbone = adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg))
     try:
         return build_segmentation_decoder(backbone, **_decoder_args(cfg, num_classes))
     except ValueError as e:  # a head option the backbone cannot take (Mask2Former on one ConvNeXt stage...)
@@ -38,10 +57,12 @@ def build_model(cfg: DictConfig, num_classes: int, backbone=None) -> FeatureDeco
 
 
 def build_model_with_head(cfg: DictConfig, num_classes: int, head: str) -> FeatureDecoder:
-    """The configured segmentor for inference, its head loaded strictly from the checkpoint `head`; with
-    `model.weights_dtype` half, the head is stored in half precision too."""
+    """The configured segmentor for inference, its head loaded strictly from the checkpoint `head` (with its
+    backbone adapted as the checkpoint records); with `model.weights_dtype` half, the head is stored in half
+    precision too."""
     dtype = Precision(cfg.model.weights_dtype).dtype
     backbone = build_backbone(cfg)
+    backbone = adapt_for_head(backbone, head, identity=_identity(cfg, backbone))
     try:
         return build_segmentor_with_head(backbone, head, source=head, dtype=dtype, **_decoder_args(cfg, num_classes))
     except ValueError as e:
@@ -95,5 +116,6 @@ def inference_settings(cfg: DictConfig) -> InferenceSettings:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: DictConfig) -> torch.optim.AdamW:
-    o = cfg.optimizer
-    return _build_optimizer(model, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    o, f = cfg.optimizer, cfg.model.finetune
+    groups = optimizer_groups(model, o.weight_decay, lr_multiplier=f.lr_multiplier, layer_decay=f.layer_decay)
+    return _build_optimizer(model, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, param_groups=groups)

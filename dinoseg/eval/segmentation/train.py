@@ -1,4 +1,5 @@
-"""Training loop for a segmentation head on a frozen DINOv3 backbone (one process or many under torchrun).
+"""Training loop for a segmentation head on a frozen (or adapted: `model.finetune`) DINOv3 backbone (one process or
+many under torchrun).
 
 Read it top to bottom: set-up, data, model, optimisation objects, optional resume, then the iteration loop
 (train step, periodic validation, periodic checkpoint) and the final report. The parts come from the engine.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dinoseg.eval.utils import BackboneLayersSet, freeze_backbone, get_backbone_out_indices
+from dinoseg.models.frozen import set_backbone_mode
 
 from .embed import CenterPadding, DropRemainder, StretchToMultiple
 
@@ -81,7 +82,7 @@ class DinoVisionTransformerWrapper(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.eval()  # frozen: never in training mode
+        set_backbone_mode(self.backbone, mode)  # frozen: in eval mode, but for the blocks an adaptation trains
         return self
 
     def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

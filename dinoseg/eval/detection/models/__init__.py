@@ -57,7 +57,7 @@ class DetectionHeadConfig:
     add_transformer_encoder: bool = True
     num_encoder_layers: int = 6
     layers_to_use: int | list[int] | None = None  # None: four blocks evenly spaced
-    blocks_to_train: list[int] | None = None  # accepted as officially; the backbone stays frozen (see README)
+    blocks_to_train: list[int] | None = None  # no effect here, as officially (a config maps it to model.finetune)
     n_windows_sqrt: int = 0  # n x n windows plus a low-resolution whole view when above 0
     proposal_in_stride: int | None = None  # None: the backbone's patch size
     proposal_tgt_strides: list[int] | None = None  # None: 0.5, 1, 2 and 4 times the patch size

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinoseg.models.frozen import freeze_backbone
+from dinoseg.models.frozen import backbone_trains, freeze_backbone, set_backbone_mode
 
 from ..util.misc import NestedTensor
 from .position_encoding import build_position_encoding
@@ -37,7 +37,9 @@ class DINOBackbone(nn.Module):
     one feature level at stride `patch_size`, with the padding mask resized to it.
 
     With `train_backbone` False (what `build_backbone` passes, as the official code does) the ViT is frozen and
-    marked: it stays in eval mode, runs without autograd and is left out of head checkpoints. `train_backbone`
+    marked: it stays in eval mode, runs without autograd and is left out of head checkpoints; an adapted ViT
+    (`model.finetune`, `dinoseg.models.finetune`) runs with autograd, the blocks that train in training mode, and
+    its adapted tensors are saved with the head. `train_backbone`
     True leaves trainable the parameters of the blocks named in `blocks_to_train` (all of them when None), the
     mask token excepted, as the official rule does.
     """
@@ -69,11 +71,12 @@ class DINOBackbone(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if not self.train_backbone:
-            self.backbone.eval()  # frozen: never in training mode (RoPE coordinate augmentation is pre-training only)
+            # Frozen: in eval mode (RoPE coordinate augmentation is pre-training only), but for adapted blocks.
+            set_backbone_mode(self.backbone, mode)
         return self
 
     def forward(self, tensor_list: NestedTensor) -> list[NestedTensor]:
-        frozen = not self.train_backbone
+        frozen = not self.train_backbone and not backbone_trains(self.backbone)
         with torch.no_grad() if frozen else contextlib.nullcontext():
             xs = self.backbone.get_intermediate_layers(tensor_list.tensors, n=self.layers_to_use, reshape=True)
         if self.use_layernorm:

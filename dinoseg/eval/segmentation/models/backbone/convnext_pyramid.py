@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinoseg.models.frozen import freeze_backbone
+from dinoseg.models.frozen import backbone_grad_mode, freeze_backbone, set_backbone_mode
 
 STAGES = (0, 1, 2, 3)
 STRIDES = (4, 8, 16, 32)
@@ -56,7 +56,7 @@ class ConvNeXtPyramid(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.eval()
+        set_backbone_mode(self.backbone, mode)  # eval mode, but for the stages an adaptation trains
         return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ class ConvNeXtPyramid(nn.Module):
         if self.backbone_dtype is not None:  # float32: autocast off for the backbone
             low = self.backbone_dtype != torch.float32
             autocast = torch.autocast(x.device.type, dtype=self.backbone_dtype if low else torch.bfloat16, enabled=low)
-        with torch.no_grad(), autocast:  # frozen backbone: no autograd graph
+        with backbone_grad_mode(self.backbone), autocast:  # frozen backbone: no autograd graph
             maps = self.backbone.get_intermediate_layers(x, n=list(STAGES), reshape=True, norm=True)
         return {
             str(level + 1): fmap[..., : (H + stride - 1) // stride, : (W + stride - 1) // stride]

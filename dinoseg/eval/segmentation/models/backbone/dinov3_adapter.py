@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint
 
-from dinoseg.models.frozen import freeze_backbone
+from dinoseg.models.frozen import backbone_grad_mode, freeze_backbone, set_backbone_mode
 from dinoseg.models.precision import autocast_region
 
 from ..utils.ms_deform_attn import MSDeformAttn
@@ -350,7 +350,8 @@ class DINOv3_Adapter(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.eval()  # frozen: RoPE coordinate augmentation and dropout are pre-training only
+        # Frozen: RoPE coordinate augmentation and dropout are pre-training only (but for the blocks that train).
+        set_backbone_mode(self.backbone, mode)
         return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -375,7 +376,7 @@ class DINOv3_Adapter(nn.Module):
         if self.backbone_dtype is not None:  # float32: autocast off for the backbone
             low = self.backbone_dtype != torch.float32
             autocast = autocast_region(x.device.type, self.backbone_dtype if low else torch.bfloat16, enabled=low)
-        with torch.no_grad(), autocast:  # frozen backbone: no autograd graph
+        with backbone_grad_mode(self.backbone), autocast:  # frozen backbone: no autograd graph
             layers = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, norm=True)
 
         vit_maps = []
