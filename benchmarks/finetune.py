@@ -35,13 +35,15 @@ def run(task: str, mode: str, out: Path, iters: int | None, seed: int) -> dict:
     if iters and iters <= 20:
         args.append("scheduler.warmup_iters=1")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", "train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"{task} {mode}: dinoseg train failed:\n{err[-3000:]}")
+    # stderr to a file, not a pipe: the progress bars would fill a pipe nobody reads before the run ends.
+    with open(out.parent / f"{out.name}.stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dinoseg.cli", "train", *args], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{task} {mode}: dinoseg train failed:\n{err.read()[-3000:]}")
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stamps = [(r["iteration"], r["seconds"]) for r in log if "loss" in r]
     # Per-step time between logs, the first interval (warm-up) and the last one (it may hold the validation) left out.

@@ -8,12 +8,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ...data import DatasetError, DepthDataset, make_dataset
 from ...data.depth_check import sampled_units_fault
-from ...engine.adaptation import adapt_for_head, adapt_for_training, base_identity, optimizer_groups
-from ...engine.config import ConfigError, Precision, finetune_kwargs
+from ...engine.adaptation import adapt_for_head, adapt_for_training, build_backbone, optimizer_groups
+from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
-from ...models.backbones import build_backbone as _build_backbone
 from ...models.checkpoint import load_head_state_dict
-from ...models.frozen import adaptation_of, freeze_backbone
+from ...models.frozen import adaptation_of
 from ...models.precision import cast_weights
 from .config import (
     DecoderConfig,
@@ -27,23 +26,8 @@ from .models import Depther, load_decoder_state_dict, make_depther_from_config
 from .models.encoder import backbone_out_indices
 
 
-def build_backbone(cfg: DictConfig) -> torch.nn.Module:
-    m = cfg.model
-    kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
-    dtype = Precision(m.weights_dtype).dtype
-    backbone = _build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype,
-                               random_init=m.random_init)
-    return freeze_backbone(backbone)
-
-
 def decoder_config(cfg: DictConfig) -> DecoderConfig:
     return OmegaConf.to_object(cfg.decoder_head)
-
-
-def _identity(cfg: DictConfig, backbone: torch.nn.Module):
-    m = cfg.model
-    return lambda: base_identity(backbone, dino_hub=m.dino_hub, pretrained_weights=m.pretrained_weights,
-                                 random_init=m.random_init, random_init_seed=m.random_init_seed)
 
 
 def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -53,8 +37,7 @@ def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Modul
         last = max(backbone_out_indices(backbone.n_blocks, decoder_config(cfg).backbone_out_layers))
     except ValueError as e:
         raise ConfigError(f"decoder_head: {e}") from None
-    return adapt_for_training(backbone, finetune_kwargs(cfg.model.finetune), identity=_identity(cfg, backbone),
-                              last_read_block=last, seed=cfg.seed)
+    return adapt_for_training(backbone, cfg.model, last_read_block=last, seed=cfg.seed)
 
 
 def _depther(cfg: DictConfig, backbone: torch.nn.Module) -> Depther:
@@ -67,7 +50,7 @@ def _depther(cfg: DictConfig, backbone: torch.nn.Module) -> Depther:
 def build_model(cfg: DictConfig, backbone: torch.nn.Module | None = None) -> Depther:
     """The configured depther with a freshly initialised head (in eval mode), its backbone adapted as
     `model.finetune` says."""
-    return _depther(cfg, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg)))
+    return _depther(cfg, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg.model)))
 
 
 def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -> Depther:
@@ -75,8 +58,8 @@ def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -
     ours (``decoder.*``, with the adapted tensors of an adapted backbone, which is rebuilt as the checkpoint
     records), the official trainer's (``module.*``) or a released head file (no prefix). With
     `model.weights_dtype` half, the head is stored in half precision too."""
-    backbone = build_backbone(cfg)
-    backbone = adapt_for_head(backbone, source, identity=_identity(cfg, backbone))
+    backbone = build_backbone(cfg.model)
+    backbone = adapt_for_head(backbone, cfg.model, source)
     depther = _depther(cfg, backbone)
     if adaptation_of(backbone) is not None:
         load_head_state_dict(depther, head_state_dict, source=source)

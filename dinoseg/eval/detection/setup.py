@@ -3,16 +3,14 @@
 import math
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ...data import DetectionDataset, make_dataset
-from ...engine.adaptation import adapt_for_head, adapt_for_training, base_identity
-from ...engine.config import ConfigError, Precision, fail, finetune_kwargs
+from ...engine.adaptation import adapt_for_head, adapt_for_training, build_backbone
+from ...engine.config import ConfigError, Precision, fail
 from ...engine.optim import build_optimizer as _build_optimizer
-from ...models.backbones import build_backbone as _build_backbone
 from ...models.checkpoint import CheckpointError
 from ...models.finetune import FinetuneError, backbone_lr_scales
-from ...models.frozen import freeze_backbone
 from ...models.precision import cast_weights
 from .config import head_config
 from .loss import SetCriterion
@@ -21,21 +19,6 @@ from .models import PostProcess, build_model
 from .models.backbone import block_indices
 from .models.detr import PlainDETR, load_detector_head, resolve_head_config
 from .transforms import DetectionTransform, make_detection_eval_transforms, make_detection_train_transforms
-
-
-def build_backbone(cfg: DictConfig) -> torch.nn.Module:
-    m = cfg.model
-    kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
-    dtype = Precision(m.weights_dtype).dtype
-    backbone = _build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype,
-                               random_init=m.random_init)
-    return freeze_backbone(backbone)
-
-
-def _identity(cfg: DictConfig, backbone: torch.nn.Module):
-    m = cfg.model
-    return lambda: base_identity(backbone, dino_hub=m.dino_hub, pretrained_weights=m.pretrained_weights,
-                                 random_init=m.random_init, random_init_seed=m.random_init_seed)
 
 
 def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -54,8 +37,7 @@ def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Modul
         if sorted(chosen) != trained:
             fail("decoder_head.blocks_to_train", list(chosen), f"dinoseg trains the last blocks the head reads, here "
                  f"{trained} (the head reads up to block {last}); set model.finetune.blocks={len(chosen)} instead")
-    return adapt_for_training(backbone, finetune_kwargs(cfg.model.finetune), identity=_identity(cfg, backbone),
-                              last_read_block=last, seed=cfg.seed)
+    return adapt_for_training(backbone, cfg.model, last_read_block=last, seed=cfg.seed)
 
 
 def _detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module) -> PlainDETR:
@@ -67,7 +49,7 @@ def _detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module) -> P
 
 def build_detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module | None = None) -> PlainDETR:
     """The configured detector with a freshly initialised head, its backbone adapted as `model.finetune` says."""
-    return _detector(cfg, num_classes, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg)))
+    return _detector(cfg, num_classes, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg.model)))
 
 
 def head_num_classes(state_dict: dict, source: str) -> int:
@@ -83,8 +65,8 @@ def build_detector_with_head(cfg: DictConfig, state_dict: dict, source: str) -> 
     the adapted tensors of an adapted backbone, which is rebuilt as the checkpoint `source` records; or a released
     head file); with `model.weights_dtype` half, the head is stored in half precision too."""
     num_classes = cfg.decoder_head.num_classes or head_num_classes(state_dict, source)
-    backbone = build_backbone(cfg)
-    backbone = adapt_for_head(backbone, source, identity=_identity(cfg, backbone))
+    backbone = build_backbone(cfg.model)
+    backbone = adapt_for_head(backbone, cfg.model, source)
     model = load_detector_head(_detector(cfg, num_classes, backbone), state_dict, source=source)
     return cast_weights(model, Precision(cfg.model.weights_dtype).dtype)
 

@@ -1,33 +1,16 @@
 """From a segmentation config to the objects a run uses; below this file, functions take values, not the config."""
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ...data import make_dataset
-from ...engine.adaptation import adapt_for_head, adapt_for_training, base_identity, optimizer_groups
-from ...engine.config import ConfigError, Precision, finetune_kwargs
+from ...engine.adaptation import adapt_for_head, adapt_for_training, build_backbone, optimizer_groups
+from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
-from ...models.backbones import build_backbone as _build_backbone
-from ...models.frozen import freeze_backbone
 from ..utils import BackboneLayersSet, get_backbone_out_indices
 from .decoders import decoder
 from .inference import InferenceMode, InferenceSettings
 from .models import DecoderType, FeatureDecoder, build_segmentation_decoder, build_segmentor_with_head
-
-
-def build_backbone(cfg: DictConfig) -> torch.nn.Module:
-    m = cfg.model
-    kwargs = OmegaConf.to_container(m.backbone_kwargs, resolve=True)
-    dtype = Precision(m.weights_dtype).dtype
-    backbone = _build_backbone(m.dino_hub, m.pretrained_weights, kwargs, m.random_init_seed, dtype=dtype,
-                               random_init=m.random_init)
-    return freeze_backbone(backbone)
-
-
-def _identity(cfg: DictConfig, backbone: torch.nn.Module):
-    m = cfg.model
-    return lambda: base_identity(backbone, dino_hub=m.dino_hub, pretrained_weights=m.pretrained_weights,
-                                 random_init=m.random_init, random_init_seed=m.random_init_seed)
 
 
 def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -37,8 +20,7 @@ def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Modul
         last = max(get_backbone_out_indices(backbone.n_blocks, BackboneLayersSet(cfg.decoder_head.backbone_out_layers)))
     except ValueError as e:  # FOUR_* on a backbone of fewer than 4 blocks
         raise ConfigError(f"decoder_head: {e}") from None
-    return adapt_for_training(backbone, finetune_kwargs(cfg.model.finetune), identity=_identity(cfg, backbone),
-                              last_read_block=last, seed=cfg.seed)
+    return adapt_for_training(backbone, cfg.model, last_read_block=last, seed=cfg.seed)
 
 
 def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
@@ -49,7 +31,7 @@ def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
 
 def build_model(cfg: DictConfig, num_classes: int, backbone=None) -> FeatureDecoder:
     """The configured segmentor with a freshly initialised head, its backbone adapted as `model.finetune` says."""
-    backbone = adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg))
+    backbone = adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg.model))
     try:
         return build_segmentation_decoder(backbone, **_decoder_args(cfg, num_classes))
     except ValueError as e:  # a head option the backbone cannot take (Mask2Former on one ConvNeXt stage...)
@@ -61,8 +43,8 @@ def build_model_with_head(cfg: DictConfig, num_classes: int, head: str) -> Featu
     backbone adapted as the checkpoint records); with `model.weights_dtype` half, the head is stored in half
     precision too."""
     dtype = Precision(cfg.model.weights_dtype).dtype
-    backbone = build_backbone(cfg)
-    backbone = adapt_for_head(backbone, head, identity=_identity(cfg, backbone))
+    backbone = build_backbone(cfg.model)
+    backbone = adapt_for_head(backbone, cfg.model, head)
     try:
         return build_segmentor_with_head(backbone, head, source=head, dtype=dtype, **_decoder_args(cfg, num_classes))
     except ValueError as e:
