@@ -8,6 +8,7 @@ it while it waits.
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ def main() -> int:
                 time.sleep(0.01)
 
     reporting.LossLog.update = update_then_pause
+    # Ctrl-C as from a terminal, even when the tests run in the background: a shell starts background jobs with
+    # SIGINT ignored, and Python then leaves it ignored (the run would never see the test's SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     return cli.main(args)
 
 
