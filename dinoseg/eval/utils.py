@@ -9,6 +9,18 @@ from torch import nn
 from ..models.frozen import backbone_grad_mode, freeze_backbone, set_backbone_mode
 
 
+def parse_enum(enum_cls: type[Enum], value, key: str):
+    """The member of `enum_cls` that `value` is or spells: itself, its name (``"SINE"``) or its value (``"sine"``),
+    case-insensitive; a ValueError naming `key` and the choices otherwise (official configs spell either)."""
+    if isinstance(value, enum_cls):
+        return value
+    text = str(value).strip()
+    for member in enum_cls:
+        if text.upper() == member.name or text.lower() == str(member.value).lower():
+            return member
+    raise ValueError(f"unknown {key} {value!r}; expected one of {[m.name for m in enum_cls]}")
+
+
 class BackboneLayersSet(Enum):
     LAST = "LAST"
     FOUR_LAST = "FOUR_LAST"

@@ -7,7 +7,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from dinoseg.eval.utils import BackboneLayersSet, freeze_backbone, get_backbone_out_indices
+from dinoseg.eval.utils import BackboneLayersSet, freeze_backbone, get_backbone_out_indices, parse_enum
 from dinoseg.models.frozen import set_backbone_mode
 
 from .embed import CenterPadding, DropRemainder, StretchToMultiple
@@ -24,14 +24,8 @@ class PatchSizeAdaptationStrategy(Enum):
 
     @classmethod
     def parse(cls, value: "PatchSizeAdaptationStrategy | str") -> "PatchSizeAdaptationStrategy":
-        """A member, its name (``"STRETCH"``) or its value (``"stretch"``), case-insensitive."""
-        if isinstance(value, cls):
-            return value
-        text = str(value).strip()
-        for member in cls:
-            if text.upper() == member.name or text.lower() == member.value:
-                return member
-        raise ValueError(f"unknown adapt_to_patch_size {value!r}; expected one of {[m.name for m in cls]}")
+        """A member, its name or its value, case-insensitive."""
+        return parse_enum(cls, value, "adapt_to_patch_size")
 
 
 def backbone_out_indices(n_blocks: int, layers: Sequence[int] | BackboneLayersSet | str) -> list[int]:

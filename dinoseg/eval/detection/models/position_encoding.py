@@ -6,6 +6,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from ...utils import parse_enum
 from ..util.misc import NestedTensor
 
 
@@ -16,14 +17,8 @@ class PositionEncoding(Enum):
 
     @classmethod
     def parse(cls, value: "PositionEncoding | str") -> "PositionEncoding":
-        """A member, its name (``"SINE"``) or its value (``"sine"``), case-insensitive."""
-        if isinstance(value, cls):
-            return value
-        text = str(value).strip()
-        for member in cls:
-            if text.upper() == member.name or text.lower() == member.value:
-                return member
-        raise ValueError(f"unknown position_embedding {value!r}; expected one of {[m.name for m in cls]}")
+        """A member, its name or its value, case-insensitive."""
+        return parse_enum(cls, value, "position_embedding")
 
 
 class PositionEmbeddingSine(nn.Module):
