@@ -54,9 +54,21 @@ def onnx_runner(path: str):
     fmt = decode_metadata(path, {"format": props["format"]})["format"] if "format" in props else None
     runners = {getattr(task_runner(name), "ONNX_FORMAT", None): task_runner(name) for name in TASKS}
     if fmt not in runners or fmt is None:
+        older = [f for f in runners if f and _older_format(fmt, f)]
+        if older:  # e.g. a detector exported before its graph took a padding mask
+            raise ExportError(f"{path}: exported by an older dinoseg (metadata format {fmt!r}; this version runs "
+                              f"{older[0]!r}): export it again")
         known = ", ".join(sorted(f for f in runners if f))
         raise ExportError(f"{path}: not a dinoseg export (metadata format is {fmt!r}; expected one of {known})")
     return runners[fmt]
+
+
+def _older_format(fmt, current: str) -> bool:
+    """Whether metadata format `fmt` ("name/N") is an earlier version of `current`."""
+    if not isinstance(fmt, str) or fmt.count("/") != 1 or current.count("/") != 1:
+        return False
+    (name, version), (current_name, current_version) = fmt.split("/"), current.split("/")
+    return name == current_name and version.isdigit() and int(version) < int(current_version)
 
 
 def load(items: list[str], command: str):

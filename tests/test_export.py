@@ -161,6 +161,32 @@ def test_a_graph_that_fails_verification_is_never_written(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["segmentor.onnx"]  # no temporary folder left behind
 
 
+class _MaskedMean(torch.nn.Module):
+    """Images and their padding mask in: the mean of each image's unpadded pixels (as detection's graph takes a mask)."""
+
+    def forward(self, image, mask):
+        valid = (~mask).unsqueeze(1).float()
+        return ((image * valid).sum((2, 3)) / valid.sum((2, 3)).clamp(min=1),)
+
+
+def test_a_fixed_size_graph_takes_extra_batched_inputs(tmp_path):
+    def sample_mask(images, index):
+        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+        mask[-1, 10 + index:] = True
+        return mask
+
+    report = engine_export.write_onnx(_MaskedMean(), tmp_path / "masked.onnx", outputs=["means"], metadata={},
+                                      size_multiple=8, image_size=(16, 24), extra_inputs={"mask": sample_mask})
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape[1:]) for i in session.get_inputs()] == [("image", [3, 16, 24]), ("mask", [16, 24])]
+    image, mask = torch.randn(3, 3, 16, 24), torch.rand(3, 16, 24) > 0.5  # another batch size, another mask
+    (got,) = session.run(["means"], {"image": image.numpy(), "mask": mask.numpy()})
+    assert_close(torch.from_numpy(got), _MaskedMean()(image, mask)[0])
+    with pytest.raises(ExportError, match=r"the inputs \['mask'\] after the images need a fixed image size"):
+        engine_export.write_onnx(_MaskedMean(), tmp_path / "dynamic.onnx", outputs=["means"], metadata={},
+                                 size_multiple=8, extra_inputs={"mask": sample_mask})
+
+
 @pytest.mark.parametrize(
     "make, kwargs, message",
     [

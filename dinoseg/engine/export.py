@@ -17,6 +17,8 @@ rest, the same way for every task:
   falls back to the task's fixed size (with a warning) when it has one;
 - the metadata is stored in `metadata_props` as JSON values, with `input_size` ("dynamic" or [H, W]), `opset`
   and `outputs` added;
+- a fixed-size graph may take more inputs after `image` (`extra_inputs`, e.g. detection's padding mask), batched
+  with it; their samples for tracing and verification come from the task;
 - a backbone adapted with LoRA is exported with its adapters folded into its weights (one plain graph, the
   official backbone structure), after checking that the merged model's outputs equal the unmerged one's within
   `MERGE_TOLERANCE`; the model is left as it was.
@@ -38,7 +40,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,6 +292,7 @@ def write_onnx(
     opset: int = DEFAULT_OPSET,
     doc: str = "",
     what: str = "the model",
+    extra_inputs: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] | None = None,
 ) -> ExportReport:
     """Export `module` (float32 images [B, 3, H, W] named `image` -> the tuple of `outputs`) as one verified
     ONNX file at `path`.
@@ -300,8 +303,14 @@ def write_onnx(
         fallback_size: the fixed (H, W) to export instead when a dynamic size cannot be made exact (None: fail).
         metadata: JSON-serialisable values, stored with `input_size`, `opset` and `outputs` added.
         what: the model, in error messages.
+        extra_inputs: inputs of a fixed-size graph after `image`, in order: name -> a function of a sample image
+            batch and its index (0, 1) giving that input for it (its first dimension the batch); `module` takes
+            them as positional arguments after the images.
     """
     start = time.perf_counter()
+    extra_inputs = dict(extra_inputs or {})
+    if extra_inputs and image_size is None:
+        raise ExportError(f"export: the inputs {list(extra_inputs)} after the images need a fixed image size")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later")
     path = check_output_path(path)
@@ -309,8 +318,9 @@ def write_onnx(
     metadata_props(metadata)  # fail before the slow part
     module.eval()
     write = functools.partial(_write, module, path, size_multiple=size_multiple, min_size=min_size, opset=opset,
-                              outputs=tuple(outputs), metadata=metadata, doc=doc, what=what, start=start)
-    sample = _samples(None if image_size is None else tuple(image_size), size_multiple, min_size)[0]
+                              outputs=tuple(outputs), metadata=metadata, doc=doc, what=what, start=start,
+                              extra_inputs=extra_inputs)
+    sample = _samples(None if image_size is None else tuple(image_size), size_multiple, min_size, extra_inputs)[0]
     with merged_lora(module, sample, outputs, what) as merge_difference:
         if image_size is not None:
             report = write(tuple(image_size))
@@ -336,10 +346,11 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def merged_lora(module: nn.Module, sample: torch.Tensor, outputs: Sequence[str], what: str = "the model"):
+def merged_lora(module: nn.Module, sample: torch.Tensor | tuple, outputs: Sequence[str], what: str = "the model"):
     """Within the block, the LoRA adapters of `module`'s backbone are folded into its weights
     (`models.finetune.lora_merged`), once the merged module is checked to give the unmerged one's outputs on
-    `sample` within `MERGE_TOLERANCE` (relative to each output's scale, as the ONNX verification); yields that
+    `sample` (images, or a tuple of the module's inputs) within `MERGE_TOLERANCE` (relative to each output's
+    scale, as the ONNX verification); yields that
     difference, None when `module` holds no LoRA adapter (then nothing changes)."""
     from ..layers.lora import LoRALinear
     from ..models.finetune import lora_merged
@@ -347,11 +358,12 @@ def merged_lora(module: nn.Module, sample: torch.Tensor, outputs: Sequence[str],
     if not any(isinstance(m, LoRALinear) for m in module.modules()):
         yield None
         return
+    args = sample if isinstance(sample, tuple) else (sample,)
     with torch.no_grad():
-        before = module(sample)
+        before = module(*args)
     with lora_merged(module):
         with torch.no_grad():
-            after = module(sample)
+            after = module(*args)
         worst = 0.0
         for i, (ref, out) in enumerate(zip(_tensors(before), _tensors(after))):
             name = outputs[i] if i < len(outputs) else str(i)
@@ -378,24 +390,27 @@ def sample_sizes(size_multiple: int, min_size: int = 1) -> list[tuple[int, int]]
     return [(side(64), side(96)), (side(75), side(45))]
 
 
-def _samples(fixed_size, size_multiple: int, min_size: int) -> list[torch.Tensor]:
+def _samples(fixed_size, size_multiple: int, min_size: int, extra_inputs=None) -> list[tuple[torch.Tensor, ...]]:
+    """Two samples of the module's inputs: (images, *extra inputs), batch sizes 2 and 1."""
     sizes = sample_sizes(size_multiple, min_size) if fixed_size is None else [fixed_size, fixed_size]
     out = []
     for seed, (batch, size) in enumerate(zip((2, 1), sizes)):
         gen = torch.Generator().manual_seed(seed)
-        out.append(torch.randn(batch, 3, *size, generator=gen))
+        images = torch.randn(batch, 3, *size, generator=gen)
+        out.append((images, *(make(images, seed) for make in (extra_inputs or {}).values())))
     return out
 
 
 def _write(module, path: Path, fixed_size, *, size_multiple: int, min_size: int, opset: int, outputs, metadata: dict,
-           doc: str, what: str, start: float) -> ExportReport:
+           doc: str, what: str, start: float, extra_inputs: dict) -> ExportReport:
     """One export attempt: `fixed_size` None for a dynamic size."""
     dynamic = fixed_size is None
-    samples = _samples(fixed_size, size_multiple, min_size)
+    samples = _samples(fixed_size, size_multiple, min_size, extra_inputs)
     seconds = {}
     tick = time.perf_counter()
     try:
-        program = _export_graph(module, samples[0], size_multiple if dynamic else None, min_size, opset, outputs)
+        program = _export_graph(module, samples[0], size_multiple if dynamic else None, min_size, opset, outputs,
+                                list(extra_inputs))
     except Exception as e:
         logger.debug("torch.onnx.export failed", exc_info=True)
         if dynamic and ("Constraints violated" in str(e) or "specialized" in str(e)):
@@ -418,7 +433,7 @@ def _write(module, path: Path, fixed_size, *, size_multiple: int, min_size: int,
             program.save(str(staged))
             seconds["save"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            worst = _verify(staged, module, samples, outputs, dynamic)
+            worst = _verify(staged, module, samples, outputs, dynamic, list(extra_inputs))
             seconds["verify"] = time.perf_counter() - tick
             path.parent.mkdir(parents=True, exist_ok=True)
             for p in Path(tmp).iterdir():  # external weights (graphs over 2 GB) first, the graph last
@@ -436,21 +451,25 @@ def _write(module, path: Path, fixed_size, *, size_multiple: int, min_size: int,
     return report
 
 
-def _export_graph(module: nn.Module, sample: torch.Tensor, multiple: int | None, min_size: int, opset: int, outputs):
-    """The ONNXProgram, unoptimised; `multiple` None = fixed spatial size (the sample's), else sides k * multiple."""
-    dims = {0: torch.export.Dim("batch", min=1)}
+def _export_graph(module: nn.Module, sample: tuple[torch.Tensor, ...], multiple: int | None, min_size: int, opset: int,
+                  outputs, extra_names: Sequence[str] = ()):
+    """The ONNXProgram, unoptimised; `multiple` None = fixed spatial size (the sample's), else sides k * multiple.
+    `sample`: the images, then the inputs `extra_names` (batched with them)."""
+    batch = torch.export.Dim("batch", min=1)
+    dims = {0: batch}
     if multiple is not None:
         least = max(1, -(-min_size // multiple))
         dims.update({2: multiple * torch.export.Dim("h", min=least), 3: multiple * torch.export.Dim("w", min=least)})
+    names = [INPUT, *extra_names]
     with quiet_exporter(), torch.no_grad():
         return torch.onnx.export(
             module,
-            (sample,),
+            tuple(sample),
             dynamo=True,
             opset_version=opset,
-            input_names=[INPUT],
+            input_names=names,
             output_names=list(outputs),
-            dynamic_shapes={INPUT: dims},
+            dynamic_shapes={INPUT: dims, **{name: {0: batch} for name in extra_names}},
             optimize=False,
             verbose=False,
         )
@@ -477,7 +496,7 @@ def optimize_graph(model) -> None:
         step(model)
 
 
-def _verify(path: Path, module: nn.Module, samples: Sequence[torch.Tensor], outputs, dynamic: bool) -> float:
+def _verify(path: Path, module: nn.Module, samples: Sequence[tuple], outputs, dynamic: bool, extra_names=()) -> float:
     """Largest |onnxruntime - PyTorch| over the outputs and samples, relative to each output's scale (>= 1);
     raises ExportError naming the output, sample and difference when it is above VERIFY_TOLERANCE (a
     `_DynamicSizeError` when only a dynamic graph's second sample differs)."""
@@ -487,7 +506,7 @@ def _verify(path: Path, module: nn.Module, samples: Sequence[torch.Tensor], outp
     worst = 0.0
     for i, x in enumerate(samples):
         try:
-            worst = max(worst, _compare(session, module, x, outputs))
+            worst = max(worst, _compare(session, module, x, outputs, extra_names))
         except ExportError as e:
             if dynamic and i > 0:
                 raise _DynamicSizeError(f"the graph does not follow the input size: {e}") from None
@@ -495,11 +514,12 @@ def _verify(path: Path, module: nn.Module, samples: Sequence[torch.Tensor], outp
     return worst
 
 
-def _compare(session, module: nn.Module, x: torch.Tensor, outputs) -> float:
+def _compare(session, module: nn.Module, inputs: tuple[torch.Tensor, ...], outputs, extra_names=()) -> float:
+    x = inputs[0]
     with torch.no_grad():
-        expected = module(x)
+        expected = module(*inputs)
     try:
-        got = session.run(list(outputs), {INPUT: x.numpy()})
+        got = session.run(list(outputs), {name: t.numpy() for name, t in zip([INPUT, *extra_names], inputs)})
     except Exception as e:
         raise ExportError(f"onnxruntime failed on a {list(x.shape)} input: {first_line(e)}") from None
     worst = 0.0

@@ -184,21 +184,23 @@ def categories(cfg: DictConfig, num_classes: int) -> tuple[dict | None, dict[int
 
 def run_export(cfg: DictConfig, output: str, image_size=None, opset: int = DEFAULT_OPSET) -> Path:
     """`dinoseg export`: the configured detector with its trained head (`head=`) as one ONNX file of a fixed input
-    size (`--size`, default `transforms.eval.size` square), with the preprocessing, `decoder_head.topk`,
+    size, the canvas images are padded onto (`--size`; default: the largest side the eval transform gives,
+    `transforms.eval.max_size` or else `transforms.eval.size`, square), with the preprocessing, `decoder_head.topk`,
     `eval.score_threshold` and the validation set's categories in its metadata."""
     output = check_output_path(output)  # before minutes of loading a large backbone
     model = load_detector(cfg, torch.device("cpu"))
     num_classes = model.class_embed[0].out_features
     label_to_category, names, colours = categories(cfg, num_classes)
     ids = [(label_to_category or {}).get(k, None if label_to_category else k) for k in range(num_classes)]
+    t = cfg.transforms
     if image_size is None:
         patch = model.backbone.strides[0]
-        side = -(-cfg.transforms.eval.size // patch) * patch
+        side = -(-(t.eval.max_size or t.eval.size) // patch) * patch
         image_size = (side, side)
     check_image_sizes(model, {"--size": (min(image_size), cfg.decoder_head.num_queries_one2one)})
-    t = cfg.transforms
     metadata = deployment_metadata(
-        mean=tuple(t.mean), std=tuple(t.std), topk=cfg.decoder_head.topk, score_threshold=cfg.eval.score_threshold,
+        mean=tuple(t.mean), std=tuple(t.std), size=t.eval.size, max_size=t.eval.max_size, topk=cfg.decoder_head.topk,
+        score_threshold=cfg.eval.score_threshold,
         category_ids=ids, category_names=[None if c is None else names.get(c, str(c)) for c in ids],
         colours=[list(colours.get(c, (200, 200, 200))) for c in ids])
     path = export_onnx(model, output, image_size=image_size, opset=opset, metadata=metadata)

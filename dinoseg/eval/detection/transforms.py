@@ -56,6 +56,36 @@ def resized_size(height: int, width: int, size: int, max_size: int | None = None
     return size, int(size * width / height)
 
 
+def fitted_size(height: int, width: int, size: int, max_size: int | None, canvas: Sequence[int]) -> tuple[int, int]:
+    """(H', W') of the eval resize (`resized_size`), scaled down, keeping the aspect ratio, where it does not fit in
+    `canvas` (H, W): the size an image takes in a fixed-size detector graph, padded to the canvas."""
+    canvas_h, canvas_w = (int(c) for c in canvas)
+    h, w = resized_size(height, width, size, max_size)
+    if h <= canvas_h and w <= canvas_w:
+        return h, w
+    if height * canvas_w >= width * canvas_h:  # the height limits
+        return canvas_h, max(1, min(canvas_w, int(round(width * canvas_h / height))))
+    return max(1, min(canvas_h, int(round(height * canvas_w / width)))), canvas_w
+
+
+class FitResize:
+    """Resize ``(image, target)`` to `fitted_size`: the eval transform's short side `size` and long side at most
+    `max_size`, then scaled down to fit in `canvas` (H, W); boxes are scaled with the image."""
+
+    def __init__(self, size: int, max_size: int | None, canvas: Sequence[int]):
+        self.size, self.max_size, self.canvas = int(size), max_size, tuple(int(c) for c in canvas)
+
+    def __call__(self, *inputs):
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+
+        height, width = F.get_size(inputs[0])
+        return v2.Resize(fitted_size(height, width, self.size, self.max_size, self.canvas), antialias=True)(*inputs)
+
+    def __repr__(self) -> str:
+        return f"FitResize(size={self.size}, max_size={self.max_size}, canvas={list(self.canvas)})"
+
+
 class RandomResize:
     """Resize ``(image, target)`` so that the short side is one of `sizes` (drawn uniformly) and the long side at
     most `max_size` (`resized_size`): Plain-DETR's ``RandomResize``; boxes are scaled with the image."""
