@@ -30,13 +30,13 @@ def cfg(*overrides):
 
 
 def test_model_fields():
-    a = build_backbone(cfg().model)
-    b = build_backbone(cfg().model)
+    a = build_backbone(cfg())
+    b = build_backbone(cfg())
     torch.testing.assert_close(a.cls_token, b.cls_token)  # random_init_seed: the same random backbone every time
-    c = build_backbone(cfg("model.random_init_seed=1").model)
+    c = build_backbone(cfg("model.random_init_seed=1"))
     assert not torch.equal(a.cls_token, c.cls_token)
-    assert build_backbone(cfg("model.backbone_kwargs.depth=2").model).n_blocks == 2
-    hub = build_backbone(load_config([], ["model.backbone_kwargs.depth=1", "model.random_init=true"]).model)  # dinov3_vits16
+    assert build_backbone(cfg("model.backbone_kwargs.depth=2")).n_blocks == 2
+    hub = build_backbone(load_config([], ["model.backbone_kwargs.depth=1", "model.random_init=true"]))  # dinov3_vits16
     assert hub.embed_dim == 384 and hub.n_blocks == 1  # hub architecture + keyword override
     assert all(not p.requires_grad for p in a.parameters()) and not a.training
 
@@ -50,25 +50,25 @@ def test_backbone_weights_are_given_or_cached_and_random_only_when_asked(tmp_pat
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     cached = tmp_path / "hub" / "checkpoints" / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
     with pytest.raises(CheckpointError) as missing:
-        build_backbone(load_config([], SMALL_HUB).model)
+        build_backbone(load_config([], SMALL_HUB))
     message = str(missing.value)
     assert f"({cached} not found)" in message and "model.pretrained_weights=" in message
     assert "model.random_init=true" in message and "dl.fbaipublicfiles.com" in message
     with pytest.raises(CheckpointError, match=rf"^model.pretrained_weights=LVD1689M: the released LVD1689M weights of "
                                               rf"dinov3_vits16 are not in the torch hub cache \({cached} not found\)"):
-        build_backbone(load_config([], [*SMALL_HUB, "model.pretrained_weights=LVD1689M"]).model)
+        build_backbone(load_config([], [*SMALL_HUB, "model.pretrained_weights=LVD1689M"]))
     with pytest.raises(CheckpointError, match=r"^model.pretrained_weights=SAT493M: dinov3_vits16: no official SAT493M"):
-        build_backbone(load_config([], [*SMALL_HUB, "model.pretrained_weights=SAT493M"]).model)
+        build_backbone(load_config([], [*SMALL_HUB, "model.pretrained_weights=SAT493M"]))
     with pytest.raises(CheckpointError, match=r"model.dino_hub=null .* pass model.pretrained_weights=<checkpoint>, "
                                               r"or model.random_init=true"):
-        build_backbone(cfg("model.random_init=false").model)
+        build_backbone(cfg("model.random_init=false"))
 
-    released = build_backbone(load_config([], [*SMALL_HUB, "model.random_init=true", "model.random_init_seed=7"]).model)
+    released = build_backbone(load_config([], [*SMALL_HUB, "model.random_init=true", "model.random_init_seed=7"]))
     cached.parent.mkdir(parents=True)
     torch.save(released.state_dict(), cached)
-    found = build_backbone(load_config([], SMALL_HUB).model)  # no weights given: the cached file, not random ones
+    found = build_backbone(load_config([], SMALL_HUB))  # no weights given: the cached file, not random ones
     assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), released.state_dict().values()))
-    randomly = build_backbone(load_config([], [*SMALL_HUB, "model.random_init=true"]).model)  # asked for: random, cache unused
+    randomly = build_backbone(load_config([], [*SMALL_HUB, "model.random_init=true"]))  # asked for: random, cache unused
     assert not torch.equal(randomly.cls_token, released.cls_token)
     with pytest.raises(ConfigError, match=r"^model.random_init=true asks for random backbone weights, "
                                           r"model.pretrained_weights='/w.pth' for these: choose one$"):

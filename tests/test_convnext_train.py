@@ -99,7 +99,7 @@ def test_ade20k_linear_recipe_on_convnext_tiny():
     assert cfg.optimizer.gradient_clip == vit.optimizer.gradient_clip == float("inf")  # none: the official recipe's 'inf'
     # Random weights (no file) on the hub architecture: the released ConvNeXt-T.
     cfg.model.pretrained_weights, cfg.model.random_init = None, True
-    assert sum(p.numel() for p in build_backbone(cfg.model).parameters()) == 27_820_128
+    assert sum(p.numel() for p in build_backbone(cfg).parameters()) == 27_820_128
 
 
 def test_unknown_hub_name_lists_the_convnexts():

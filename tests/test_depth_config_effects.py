@@ -45,10 +45,10 @@ def steps(dataset, kind):
 
 
 def test_model_fields():
-    a, b = build_backbone(cfg().model), build_backbone(cfg().model)
+    a, b = build_backbone(cfg()), build_backbone(cfg())
     torch.testing.assert_close(a.cls_token, b.cls_token)  # random_init_seed: the same random backbone every time
-    assert not torch.equal(a.cls_token, build_backbone(cfg("model.random_init_seed=1").model).cls_token)
-    assert build_backbone(cfg("model.backbone_kwargs.depth=2").model).n_blocks == 2
+    assert not torch.equal(a.cls_token, build_backbone(cfg("model.random_init_seed=1")).cls_token)
+    assert build_backbone(cfg("model.backbone_kwargs.depth=2")).n_blocks == 2
 
 
 def test_decoder_fields():

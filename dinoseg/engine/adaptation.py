@@ -2,7 +2,7 @@
 one a training run adapts (`model.finetune`), the one `eval` / `predict` / `export` rebuild from a head checkpoint,
 and the optimizer's parameter groups.
 
-A task's `setup.py` builds the frozen backbone (`build_backbone`), then calls `adapt_for_training` (with the deepest
+A task's `setup.py` builds the frozen backbone (`build_frozen_backbone`), then calls `adapt_for_training` (with the deepest
 block its head reads) or `adapt_for_head` (with the head checkpoint); the rest of the engine reads the adaptation
 from the model itself: checkpoints record it (`checkpoint.save_checkpoint`), a resume checks it, DDP ignores the frozen tensors
 only (`training.wrap_distributed`), an export merges LoRA into the weights (`export.write_onnx`).
@@ -30,7 +30,7 @@ from .config import ConfigError, Precision, finetune_kwargs
 logger = logging.getLogger("dinoseg")
 
 
-def build_backbone(model: DictConfig) -> nn.Module:
+def build_frozen_backbone(model: DictConfig) -> nn.Module:
     """The frozen backbone that a config's `model` section describes: a hub name or `backbone_kwargs`, its weights
     (or random ones when `random_init`), stored in `weights_dtype`."""
     kwargs = OmegaConf.to_container(model.backbone_kwargs, resolve=True)
@@ -41,7 +41,7 @@ def build_backbone(model: DictConfig) -> nn.Module:
 
 def base_identity(backbone: nn.Module, model: DictConfig) -> dict:
     """`models.finetune.backbone_identity` of a backbone built from the `model` section (no weights given for a hub
-    name: its released LVD1689M file, which is what `build_backbone` loads)."""
+    name: its released LVD1689M file, which is what `build_frozen_backbone` loads)."""
     weights = None if model.random_init else (model.pretrained_weights or
                                               (Weights.LVD1689M.value if model.dino_hub else None))
     return backbone_identity(backbone, model.dino_hub, weights, model.random_init_seed)
@@ -88,4 +88,4 @@ def optimizer_groups(model: nn.Module, weight_decay: float, *, lr_multiplier: fl
         raise ConfigError(str(e)) from None
 
 
-__all__ = ["adapt_for_head", "adapt_for_training", "base_identity", "build_backbone", "optimizer_groups"]
+__all__ = ["adapt_for_head", "adapt_for_training", "base_identity", "build_frozen_backbone", "optimizer_groups"]

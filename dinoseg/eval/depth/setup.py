@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ...data import DatasetError, DepthDataset, make_dataset
 from ...data.depth_check import sampled_units_fault
-from ...engine.adaptation import adapt_for_head, adapt_for_training, build_backbone, optimizer_groups
+from ...engine.adaptation import adapt_for_head, adapt_for_training, build_frozen_backbone, optimizer_groups
 from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.checkpoint import load_head_state_dict
@@ -24,6 +24,11 @@ from .eval import DepthEvalSettings
 from .loss import MultiLoss
 from .models import Depther, load_decoder_state_dict, make_depther_from_config
 from .models.encoder import backbone_out_indices
+
+
+def build_backbone(cfg: DictConfig) -> torch.nn.Module:
+    """The frozen backbone of `model` (before any `model.finetune` adaptation)."""
+    return build_frozen_backbone(cfg.model)
 
 
 def decoder_config(cfg: DictConfig) -> DecoderConfig:
@@ -50,7 +55,7 @@ def _depther(cfg: DictConfig, backbone: torch.nn.Module) -> Depther:
 def build_model(cfg: DictConfig, backbone: torch.nn.Module | None = None) -> Depther:
     """The configured depther with a freshly initialised head (in eval mode), its backbone adapted as
     `model.finetune` says."""
-    return _depther(cfg, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg.model)))
+    return _depther(cfg, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg)))
 
 
 def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -> Depther:
@@ -58,7 +63,7 @@ def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -
     ours (``decoder.*``, with the adapted tensors of an adapted backbone, which is rebuilt as the checkpoint
     records), the official trainer's (``module.*``) or a released head file (no prefix). With
     `model.weights_dtype` half, the head is stored in half precision too."""
-    backbone = build_backbone(cfg.model)
+    backbone = build_backbone(cfg)
     backbone = adapt_for_head(backbone, cfg.model, source)
     depther = _depther(cfg, backbone)
     if adaptation_of(backbone) is not None:

@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig
 
 from ...data import DetectionDataset, make_dataset
-from ...engine.adaptation import adapt_for_head, adapt_for_training, build_backbone
+from ...engine.adaptation import adapt_for_head, adapt_for_training, build_frozen_backbone
 from ...engine.config import ConfigError, Precision, fail
 from ...engine.optim import build_optimizer as _build_optimizer
 from ...models.checkpoint import CheckpointError
@@ -19,6 +19,11 @@ from .models import PostProcess, build_model
 from .models.backbone import block_indices
 from .models.detr import PlainDETR, load_detector_head, resolve_head_config
 from .transforms import DetectionTransform, make_detection_eval_transforms, make_detection_train_transforms
+
+
+def build_backbone(cfg: DictConfig) -> torch.nn.Module:
+    """The frozen backbone of `model` (before any `model.finetune` adaptation)."""
+    return build_frozen_backbone(cfg.model)
 
 
 def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -49,7 +54,7 @@ def _detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module) -> P
 
 def build_detector(cfg: DictConfig, num_classes: int, backbone: torch.nn.Module | None = None) -> PlainDETR:
     """The configured detector with a freshly initialised head, its backbone adapted as `model.finetune` says."""
-    return _detector(cfg, num_classes, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg.model)))
+    return _detector(cfg, num_classes, adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg)))
 
 
 def head_num_classes(state_dict: dict, source: str) -> int:
@@ -65,7 +70,7 @@ def build_detector_with_head(cfg: DictConfig, state_dict: dict, source: str) -> 
     the adapted tensors of an adapted backbone, which is rebuilt as the checkpoint `source` records; or a released
     head file); with `model.weights_dtype` half, the head is stored in half precision too."""
     num_classes = cfg.decoder_head.num_classes or head_num_classes(state_dict, source)
-    backbone = build_backbone(cfg.model)
+    backbone = build_backbone(cfg)
     backbone = adapt_for_head(backbone, cfg.model, source)
     model = load_detector_head(_detector(cfg, num_classes, backbone), state_dict, source=source)
     return cast_weights(model, Precision(cfg.model.weights_dtype).dtype)

@@ -4,13 +4,18 @@ import torch
 from omegaconf import DictConfig
 
 from ...data import make_dataset
-from ...engine.adaptation import adapt_for_head, adapt_for_training, build_backbone, optimizer_groups
+from ...engine.adaptation import adapt_for_head, adapt_for_training, build_frozen_backbone, optimizer_groups
 from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
 from ..utils import BackboneLayersSet, get_backbone_out_indices
 from .decoders import decoder
 from .inference import InferenceMode, InferenceSettings
 from .models import DecoderType, FeatureDecoder, build_segmentation_decoder, build_segmentor_with_head
+
+
+def build_backbone(cfg: DictConfig) -> torch.nn.Module:
+    """The frozen backbone of `model` (before any `model.finetune` adaptation)."""
+    return build_frozen_backbone(cfg.model)
 
 
 def adapt_backbone(cfg: DictConfig, backbone: torch.nn.Module) -> torch.nn.Module:
@@ -31,7 +36,7 @@ def _decoder_args(cfg: DictConfig, num_classes: int) -> dict:
 
 def build_model(cfg: DictConfig, num_classes: int, backbone=None) -> FeatureDecoder:
     """The configured segmentor with a freshly initialised head, its backbone adapted as `model.finetune` says."""
-    backbone = adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg.model))
+    backbone = adapt_backbone(cfg, backbone if backbone is not None else build_backbone(cfg))
     try:
         return build_segmentation_decoder(backbone, **_decoder_args(cfg, num_classes))
     except ValueError as e:  # a head option the backbone cannot take (Mask2Former on one ConvNeXt stage...)
@@ -43,7 +48,7 @@ def build_model_with_head(cfg: DictConfig, num_classes: int, head: str) -> Featu
     backbone adapted as the checkpoint records); with `model.weights_dtype` half, the head is stored in half
     precision too."""
     dtype = Precision(cfg.model.weights_dtype).dtype
-    backbone = build_backbone(cfg.model)
+    backbone = build_backbone(cfg)
     backbone = adapt_for_head(backbone, cfg.model, head)
     try:
         return build_segmentor_with_head(backbone, head, source=head, dtype=dtype, **_decoder_args(cfg, num_classes))
