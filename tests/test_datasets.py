@@ -384,6 +384,9 @@ def test_the_official_make_dataset_call_form(tmp_path):
         make_dataset(descriptor, dataset_str=descriptor)
     with pytest.raises(DatasetError, match="got none"):
         make_dataset()
+    with pytest.warns(DeprecationWarning, match=r"pass transforms=\.\.\. by keyword"):  # the earlier positional form
+        positional = make_dataset(descriptor, joint)
+    assert positional.transforms is joint and torch.equal(positional[0][1], ours[0][1])
     # The official keywords in the official order and with its defaults; dinoseg's extras keyword-only after them.
     params = list(inspect.signature(make_dataset).parameters.values())
     keywords = [(p.name, p.default) for p in params if p.kind is p.KEYWORD_ONLY]

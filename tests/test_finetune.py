@@ -391,6 +391,18 @@ def test_param_groups_scale_the_backbone_lr_per_layer():
         param_groups(model, 0.05, lr_multiplier=0)
 
 
+def test_param_groups_earlier_call_form_still_works_with_a_deprecation_warning():
+    model = TinyModel(adapt_backbone(official(VIT_MLP)[0], "blocks", blocks=2))
+    current = param_groups(model, 0.05, layer_decay=0.5)
+    for call in (lambda: param_groups(model, 1e-3, 0.05, layer_decay=0.5),
+                 lambda: param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)):
+        with pytest.warns(DeprecationWarning, match=r"param_groups\(model, weight_decay\)"):
+            groups = call()
+        assert [g["params"] for g in groups] == [g["params"] for g in current]
+        assert [g["weight_decay"] for g in groups] == [g["weight_decay"] for g in current]
+        assert [g["lr"] for g in groups] == [1e-3 * g["lr_scale"] for g in current]
+
+
 # -- precision, drop path, gradient checkpointing ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["lora", "blocks"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -133,7 +134,7 @@ def _dataset_class(type_name: str) -> type:
 def make_dataset(
     config_or_string: str | Mapping | None = None,
     /,
-    *,
+    *positional_transforms: Callable | None,
     dataset_str: str | None = None,
     transform: Callable | None = None,
     target_transform: Callable | None = None,
@@ -148,6 +149,12 @@ def make_dataset(
     ``overrides`` (e.g. ``root=...``, ``strict=False``) win over the description; ``default_root`` (a config's shared
     ``datasets.root``) applies when the dataset takes a root and none is given. Official split names TRAIN / VAL are
     accepted. Every option is checked against the dataset's constructor before it runs (`DatasetError`)."""
+    if positional_transforms:  # the project's earlier form make_dataset(description, transforms)
+        if len(positional_transforms) > 1 or transforms is not None:
+            raise TypeError("make_dataset takes one positional argument (the description); transforms=... by keyword")
+        warnings.warn("make_dataset(description, transforms) is deprecated: pass transforms=... by keyword",
+                      DeprecationWarning, stacklevel=2)
+        transforms = positional_transforms[0]
     if (config_or_string is None) == (dataset_str is None):
         raise DatasetError("make_dataset: give one dataset description (first argument or dataset_str=), "
                            f"got {'both' if dataset_str is not None else 'none'}")

@@ -18,6 +18,7 @@ Errors in the values are `FinetuneError` (a ValueError) naming the `model.finetu
 
 import contextlib
 import hashlib
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -252,13 +253,26 @@ def merge_lora(backbone: nn.Module) -> nn.Module:
     return freeze_backbone(backbone)
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, lr_multiplier: float = 0.1,
-                 layer_decay: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *legacy: float, lr: float | None = None,
+                 lr_multiplier: float = 0.1, layer_decay: float = 1.0) -> list[dict]:
     """AdamW parameter groups over the trainable parameters of `model`, for `engine.optim.build_optimizer`: the
     head first (`lr_scale` 1, `weight_decay`), then the adapted backbone tensors at `lr_scale` = `backbone_lr_scales`
     (lr_multiplier x layer_decay ** (n + 1 - layer_id)), without weight decay on 1-D tensors (biases, norms,
     layer scales), as in BEiT / DINOv2 fine-tuning. Without an adapted backbone this is one group, the optimizer
-    of a frozen backbone."""
+    of a frozen backbone.
+
+    The earlier form `param_groups(model, lr, weight_decay)` (or `lr=`) still works, with a DeprecationWarning: its
+    groups also carry their absolute `lr` (lr x lr_scale), for a plain `torch.optim.AdamW`."""
+    if legacy or lr is not None:
+        if legacy:  # param_groups(model, lr, weight_decay): the second argument was the lr
+            if len(legacy) != 1 or lr is not None:
+                raise TypeError("param_groups(model, weight_decay, *, lr_multiplier=..., layer_decay=...)")
+            lr, weight_decay = weight_decay, legacy[0]
+        warnings.warn("param_groups(model, lr, weight_decay) is deprecated: call param_groups(model, weight_decay) "
+                      "and give the lr to engine.optim.build_optimizer (groups carry lr_scale)", DeprecationWarning,
+                      stacklevel=2)
+        groups = param_groups(model, weight_decay, lr_multiplier=lr_multiplier, layer_decay=layer_decay)
+        return [{**group, "lr": lr * group["lr_scale"]} for group in groups]
     scales = backbone_lr_scales(model, lr_multiplier=lr_multiplier, layer_decay=layer_decay)
     head = [p for name, p in model.named_parameters() if p.requires_grad and name not in scales]
     groups = [{"params": head, "lr_scale": 1.0, "weight_decay": weight_decay}] if head else []
