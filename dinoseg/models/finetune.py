@@ -321,11 +321,7 @@ def lora_merged(model: nn.Module):
         if adaptation.mode != "lora":
             continue
         layers = [(name, module) for name, module in backbone.named_modules() if isinstance(module, LoRALinear)]
-        for name, module in layers:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(backbone.get_submodule(parent_name), attr, module.merged())
-        delattr(backbone, ADAPTATION)
-        freeze_backbone(backbone)
+        merge_lora(backbone)
         swapped.append((backbone, adaptation, layers))
     try:
         yield len(swapped)
