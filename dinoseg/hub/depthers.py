@@ -13,9 +13,8 @@ import torch
 from ..eval.depth.models import DecoderConfig, Depther, load_decoder_checkpoint, make_depther_from_config
 from ..eval.depth.models.released import DepthWeights, chmv2_depther_config, dpt_depther_config, head_location
 from ..models.backbones import Weights, make_backbone, needs_untied_norm, official_weights_filename
-from ..models.checkpoint import CheckpointError, load_head_state_dict, load_state_dict_file, resolve_weights_path
+from ..models.checkpoint import CheckpointError, resolve_weights_path
 from ..models.finetune import adapt_for_head_file
-from ..models.frozen import adaptation_of
 from ..models.precision import cast_weights
 
 
@@ -42,10 +41,7 @@ def _build(backbone_name: str, config: DecoderConfig, *, pretrained: bool, weigh
     backbone = adapt_for_head_file(backbone, head, backbone_name, backbone_weights)  # a local run's adapted backbone
     with torch.device("meta"):
         depther = make_depther_from_config(backbone, config, autocast_dtype=autocast_dtype)
-    if adaptation_of(backbone) is not None:  # the head and the adapted tensors, under their full names
-        load_head_state_dict(depther, load_state_dict_file(head), source=head, assign=True)
-    else:
-        load_decoder_checkpoint(depther, head)
+    load_decoder_checkpoint(depther, head)  # with the adapted tensors of a local run's adapted backbone
     left = [n for n, t in (*depther.named_parameters(), *depther.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{head}: tensors left uninitialised after loading: {', '.join(left[:5])}")

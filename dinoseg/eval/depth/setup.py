@@ -11,8 +11,6 @@ from ...data.depth_check import sampled_units_fault
 from ...engine.adaptation import adapt_for_head, adapt_for_training, build_frozen_backbone, optimizer_groups
 from ...engine.config import ConfigError, Precision
 from ...engine.optim import build_optimizer as _build_optimizer
-from ...models.checkpoint import load_head_state_dict
-from ...models.frozen import adaptation_of
 from ...models.precision import cast_weights
 from .config import (
     DecoderConfig,
@@ -66,10 +64,7 @@ def build_model_with_head(cfg: DictConfig, head_state_dict: dict, source: str) -
     backbone = build_backbone(cfg)
     backbone = adapt_for_head(backbone, cfg.model, source)
     depther = _depther(cfg, backbone)
-    if adaptation_of(backbone) is not None:
-        load_head_state_dict(depther, head_state_dict, source=source)
-    else:
-        load_decoder_state_dict(depther, head_state_dict, source=source)
+    load_decoder_state_dict(depther, head_state_dict, source=source)
     return cast_weights(depther, Precision(cfg.model.weights_dtype).dtype)
 
 

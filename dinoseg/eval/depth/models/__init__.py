@@ -206,13 +206,19 @@ def load_decoder_checkpoint(depther: Depther, checkpoint_path: str) -> Depther:
 
 
 def load_decoder_state_dict(depther: Depther, state_dict: dict, source: str) -> Depther:
-    """`load_decoder_checkpoint` on a state dict already read (`source` names it in errors)."""
-    from dinoseg.models.checkpoint import load_state_dict_strict
+    """`load_decoder_checkpoint` on a state dict already read (`source` names it in errors). When the depther's
+    backbone is adapted (rebuilt from a dinoseg run's checkpoint), the state dict holds the head and the adapted
+    tensors under their full names, and is loaded so."""
+    from dinoseg.models.checkpoint import load_head_state_dict, load_state_dict_strict
+    from dinoseg.models.frozen import adaptation_of
 
+    assign = any(t.is_meta for t in depther.decoder.state_dict().values())
+    if any(adaptation_of(m) is not None for m in depther.modules()):
+        load_head_state_dict(depther, state_dict, source=source, assign=assign)
+        return depther
     for prefix in ("module.", "decoder."):
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    assign = any(t.is_meta for t in depther.decoder.state_dict().values())
     load_state_dict_strict(depther.decoder, state_dict, source=source, assign=assign)
     return depther
 
