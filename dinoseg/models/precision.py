@@ -110,3 +110,12 @@ def autocast_region(device_type: str, dtype: torch.dtype | None = None, enabled:
     if not enabled and torch.compiler.is_exporting():
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
+
+
+def backbone_autocast(device_type: str, backbone_dtype: torch.dtype | None):
+    """The autocast region a head runs its frozen backbone in: `backbone_dtype` None leaves the caller's autocast
+    as it is, float32 turns it off, a half dtype turns it on in that dtype (`autocast_region`)."""
+    if backbone_dtype is None:
+        return contextlib.nullcontext()
+    low = backbone_dtype != torch.float32
+    return autocast_region(device_type, backbone_dtype if low else torch.bfloat16, enabled=low)

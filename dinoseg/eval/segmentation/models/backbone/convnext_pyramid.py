@@ -6,13 +6,13 @@ backbone and names its stages the way the adapter names its outputs (`{"1".."4"}
 Mask2Former training loss work unchanged. It has no parameters of its own: everything trainable is in the head.
 """
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dinoseg.models.frozen import backbone_grad_mode, freeze_backbone, set_backbone_mode
+from dinoseg.models.precision import backbone_autocast
 
 STAGES = (0, 1, 2, 3)
 STRIDES = (4, 8, 16, 32)
@@ -65,11 +65,8 @@ class ConvNeXtPyramid(nn.Module):
         # Padded unconditionally (a no-op for aligned sizes) and rounded up with non-negative integer division
         # only, as the ViT-Adapter does: an exported graph (symbolic sizes) then pads whatever its input size is.
         x = F.pad(x, (0, (W + d - 1) // d * d - W, 0, (H + d - 1) // d * d - H))
-        autocast = contextlib.nullcontext()
-        if self.backbone_dtype is not None:  # float32: autocast off for the backbone
-            low = self.backbone_dtype != torch.float32
-            autocast = torch.autocast(x.device.type, dtype=self.backbone_dtype if low else torch.bfloat16, enabled=low)
-        with backbone_grad_mode(self.backbone), autocast:  # frozen backbone: no autograd graph
+        # A frozen backbone builds no autograd graph; backbone_dtype float32 turns autocast off around it.
+        with backbone_grad_mode(self.backbone), backbone_autocast(x.device.type, self.backbone_dtype):
             maps = self.backbone.get_intermediate_layers(x, n=list(STAGES), reshape=True, norm=True)
         return {
             str(level + 1): fmap[..., : (H + stride - 1) // stride, : (W + stride - 1) // stride]

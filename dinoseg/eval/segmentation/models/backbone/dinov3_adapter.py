@@ -14,7 +14,6 @@ Differences from the official code, none of which changes the outputs on inputs 
   ``nn.SyncBatchNorm.convert_sync_batchnorm`` for multi-GPU training).
 """
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -25,7 +24,7 @@ from torch import nn
 from torch.utils import checkpoint
 
 from dinoseg.models.frozen import backbone_grad_mode, freeze_backbone, set_backbone_mode
-from dinoseg.models.precision import autocast_region
+from dinoseg.models.precision import backbone_autocast
 
 from ..utils.ms_deform_attn import MSDeformAttn
 
@@ -372,11 +371,8 @@ class DINOv3_Adapter(nn.Module):
             [level.flatten(2).transpose(1, 2) + self.level_embed[i] for i, level in enumerate((c2, c3, c4))], dim=1
         )
 
-        autocast = contextlib.nullcontext()
-        if self.backbone_dtype is not None:  # float32: autocast off for the backbone
-            low = self.backbone_dtype != torch.float32
-            autocast = autocast_region(x.device.type, self.backbone_dtype if low else torch.bfloat16, enabled=low)
-        with backbone_grad_mode(self.backbone), autocast:  # frozen backbone: no autograd graph
+        # A frozen backbone builds no autograd graph; backbone_dtype float32 turns autocast off around it.
+        with backbone_grad_mode(self.backbone), backbone_autocast(x.device.type, self.backbone_dtype):
             layers = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, norm=True)
 
         vit_maps = []
