@@ -78,6 +78,17 @@ class OnnxModel(nn.Module):
             self.bad_metadata(key, metadata[key], "a positive integer")
         return int(metadata[key])
 
+    def _numbers(self, metadata: dict, key: str, n: int) -> list:
+        value = metadata[key]
+        if not (isinstance(value, list) and len(value) == n and all(isinstance(v, (int, float)) for v in value)):
+            self.bad_metadata(key, value, f"{n} numbers")
+        return value
+
+    def _bool(self, metadata: dict, key: str) -> bool:
+        if not isinstance(metadata[key], bool):
+            self.bad_metadata(key, metadata[key], "true or false")
+        return metadata[key]
+
     def output_shape(self, name: str) -> list:
         """The graph's declared shape of output `name` (ints for static dimensions, names for dynamic ones)."""
         return next(o.shape for o in self.session.get_outputs() if o.name == name)

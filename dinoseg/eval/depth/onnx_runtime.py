@@ -36,10 +36,8 @@ class OnnxDepther(OnnxModel):
         if self.input_size is not None and size != list(self.input_size):
             self.bad_metadata("img_size", size, f"the graph's fixed input size {list(self.input_size)}")
         for key in ("mean", "std"):
-            if not (isinstance(m[key], list) and len(m[key]) == 3 and all(isinstance(v, (int, float)) for v in m[key])):
-                self.bad_metadata(key, m[key], "3 numbers")
-        if not isinstance(m["flip"], bool):
-            self.bad_metadata("flip", m["flip"], "true or false")
+            self._numbers(m, key, 3)
+        self._bool(m, "flip")
         channels = self.output_shape(DEPTH)[1]
         if channels != 1:
             self.bad_metadata("outputs", m["outputs"], f"a {DEPTH} output of one channel (it has {channels})")

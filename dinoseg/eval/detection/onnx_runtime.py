@@ -16,7 +16,7 @@ from ...engine.onnx_runtime import OnnxModel
 from .export import FORMAT, INPUTS, OUTPUTS, REQUIRED_METADATA
 from .models.detr import PostProcess
 from .transforms import DetectionTransform, FitResize
-from .util.misc import NestedTensor
+from .util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 __all__ = ["OnnxDetector"]
 
@@ -40,16 +40,14 @@ class OnnxDetector(OnnxModel):
         if self.input_size is None:
             self.bad_metadata("input_size", "dynamic", "a fixed [H, W] (detectors are exported at a fixed size)")
         for key in ("mean", "std"):
-            if not (isinstance(m[key], list) and len(m[key]) == 3 and all(isinstance(v, (int, float)) for v in m[key])):
-                self.bad_metadata(key, m[key], "3 numbers")
+            self._numbers(m, key, 3)
         graph_inputs = [i.name for i in self.session.get_inputs()]
         if m["inputs"] != list(INPUTS) or graph_inputs != list(INPUTS):
             self.bad_metadata("inputs", m["inputs"], f"{list(INPUTS)}, the graph's inputs (it has {graph_inputs})")
         size = self._int(m, "eval_size")
         if m["eval_max_size"] is not None and not (self._int(m, "eval_max_size") >= size):
             self.bad_metadata("eval_max_size", m["eval_max_size"], f"null or at least eval_size {size}")
-        if not isinstance(m["reparam"], bool):
-            self.bad_metadata("reparam", m["reparam"], "true or false")
+        self._bool(m, "reparam")
         n = self._int(m, "num_classes")
         self._int(m, "topk")
         if not (isinstance(m["score_threshold"], (int, float)) and 0 <= m["score_threshold"] <= 1):
@@ -73,11 +71,7 @@ class OnnxDetector(OnnxModel):
             if any(s.ndim != 3 or s.shape[0] != 3 for s in samples):
                 raise ValueError(f"{self.path.name}: expected (3, H, W) images, got shapes "
                                  f"{[list(s.shape) for s in samples]}")
-            height, width = max(s.shape[1] for s in samples), max(s.shape[2] for s in samples)
-            self._check_fits(height, width)
-            images = torch.stack([F.pad(s, (0, width - s.shape[2], 0, height - s.shape[1])) for s in samples])
-            mask = torch.stack([F.pad(torch.zeros(s.shape[1:], dtype=torch.bool, device=s.device),
-                                      (0, width - s.shape[2], 0, height - s.shape[1]), value=True) for s in samples])
+            images, mask = nested_tensor_from_tensor_list(list(samples)).decompose()
         else:
             raise ValueError(f"{self.path.name}: expected a list of (3, H, W) images, a (B, 3, H, W) tensor or a "
                              f"NestedTensor, not {type(samples).__name__}")

@@ -57,11 +57,9 @@ class OnnxSegmentor(OnnxModel):
         ratios = m["tta_ratios"]
         if not (isinstance(ratios, list) and ratios and all(isinstance(r, (int, float)) and r > 0 for r in ratios)):
             self.bad_metadata("tta_ratios", ratios, "a list of positive numbers")
-        if not isinstance(m["flip"], bool):
-            self.bad_metadata("flip", m["flip"], "true or false")
-        for key, n in (("mean", 3), ("std", 3)):
-            if not (isinstance(m[key], list) and len(m[key]) == n and all(isinstance(v, (int, float)) for v in m[key])):
-                self.bad_metadata(key, m[key], f"{n} numbers")
+        self._bool(m, "flip")
+        for key in ("mean", "std"):
+            self._numbers(m, key, 3)
         patch = m.get("patch_size", self.size_multiple)  # files written before `patch_size` was stored
         if patch is not None and not (isinstance(patch, int) and patch > 0):
             self.bad_metadata("patch_size", patch, "null or a positive integer")
