@@ -3,7 +3,6 @@ backbone), written atomically by rank 0, with everything needed for an exact res
 
 import logging
 import random
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +10,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ..models.checkpoint import CheckpointError, load_head_state_dict, load_state_dict_file, read_torch_file
+from ..models.checkpoint import (
+    CheckpointError,
+    load_head_state_dict,
+    load_state_dict_file,
+    read_checkpoint_object,
+    read_torch_file,
+)
 from ..models.finetune import RECORD, adaptation_record, check_adaptation_record
 from ..models.frozen import head_state_dict
 from . import distributed
@@ -291,10 +296,7 @@ def read_head_weights(path: str, *, task: str | None = None, head_type: str | No
 def head_origin(path: str) -> tuple[str, str | None] | None:
     """(task, decoder_head.type) of the run that wrote a dinoseg checkpoint, from the config it carries; None for
     head files without one (official and released heads, safetensors)."""
-    path = Path(path)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return None
-    obj = read_torch_file(path, mmap=zipfile.is_zipfile(path))
+    obj = read_checkpoint_object(path)
     text = obj.get("config") if isinstance(obj, dict) else None
     if not isinstance(text, str):
         return None

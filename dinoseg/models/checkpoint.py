@@ -90,6 +90,16 @@ def read_torch_file(path: Path, mmap: bool = False):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {first_line(e)})") from None
 
 
+def read_checkpoint_object(path: str | os.PathLike):
+    """What a `.pth` / `.pt` checkpoint file holds (tensors memory-mapped when it is zip-format), for the entries
+    beside its weights (a run's config, an adaptation record); None for a path that is no such file (a directory,
+    safetensors, nothing)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return None
+    return read_torch_file(path, mmap=zipfile.is_zipfile(path))
+
+
 def load_state_dict_file(path: str | os.PathLike, check_hash: bool = False, *,
                          dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """Read a `.pth`/`.pt` (weights_only) or `.safetensors` file, or a Hugging Face model directory.

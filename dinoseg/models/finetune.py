@@ -19,7 +19,6 @@ Errors in the values are `FinetuneError` (a ValueError) naming the `model.finetu
 import contextlib
 import hashlib
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..layers.lora import LoRALinear
 from .backbones import _weights_location
-from .checkpoint import CheckpointError, describe_mismatch, read_torch_file, resolve_weights_path
+from .checkpoint import CheckpointError, describe_mismatch, read_checkpoint_object, resolve_weights_path
 from .convnext import ConvNeXt
 from .frozen import ADAPTATION, Adaptation, adaptation_of, freeze_backbone
 from .precision import HALF_DTYPES
@@ -424,10 +423,7 @@ def _check_record(record, source: str) -> None:
 def read_adaptation_record(path: str | Path) -> dict | None:
     """The adapted backbone a dinoseg head checkpoint records (`adaptation_record`); None for a checkpoint of a
     frozen backbone and for head files that are not ours (official or released heads, safetensors)."""
-    path = Path(path)
-    if not path.is_file() or path.suffix == ".safetensors":
-        return None
-    obj = read_torch_file(path, mmap=zipfile.is_zipfile(path))
+    obj = read_checkpoint_object(path)
     record = obj.get(RECORD) if isinstance(obj, dict) else None
     if record is None:
         return None
