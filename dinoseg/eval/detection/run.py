@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ...data import DatasetError, DetectionDataset, make_dataset
+from ...data import DatasetError
 from ...data.detection_check import check_detection_dataset, format_detection_report
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
@@ -26,6 +26,7 @@ from .export import FORMAT, deployment_metadata, export_onnx
 from .metrics import CocoEvaluator, to_coco_results
 from .models.released import COCO_CATEGORY_NAMES, N_WINDOWS_SQRT, DetectionWeights, head_location, released_head_config
 from .setup import (
+    build_dataset,
     build_detector_with_head,
     build_eval_transforms,
     build_postprocess,
@@ -104,13 +105,6 @@ def run_eval(cfg: DictConfig):
     return metrics
 
 
-def build_dataset_quietly(cfg: DictConfig) -> DetectionDataset:
-    dataset = make_dataset(cfg.datasets.val, default_root=cfg.datasets.root)
-    if not isinstance(dataset, DetectionDataset):
-        raise ConfigError(f"datasets.val={cfg.datasets.val!r} is not a detection dataset")
-    return dataset
-
-
 @torch.no_grad()
 def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=None, *, onnx: str | None = None) -> list[Path]:
     """Detections of images: `<name>_boxes.png` (the image with labelled boxes and scores) and `<name>.json` (boxes
@@ -171,7 +165,7 @@ def categories(cfg: DictConfig, num_classes: int) -> tuple[dict | None, dict[int
     is on this machine; otherwise labels are taken as category ids, named by COCO's names for a 91-class head and
     by their number for any other."""
     try:
-        dataset = build_dataset_quietly(cfg)
+        dataset = build_dataset(cfg, "val")
     except (DatasetError, FileNotFoundError, ConfigError):
         dataset = None
     if dataset is not None and dataset.num_classes == num_classes:
@@ -220,7 +214,7 @@ def run_demo(cfg: DictConfig) -> dict:
     curves = reporting.plot_history(out, {"AP": (0, 1), "AP50": (0, 1)})
     cfg.head = str(out / LAST)
     OmegaConf.update(cfg, "decoder_head.num_classes", results["num_classes"], merge=False)
-    dataset = build_dataset_quietly(cfg)
+    dataset = build_dataset(cfg, "val")
     sample_dir = out / "demo_inputs"
     sample_dir.mkdir(exist_ok=True)
     for i in range(min(4, len(dataset))):
@@ -234,9 +228,7 @@ def run_demo(cfg: DictConfig) -> dict:
 
 def run_check_data(cfg: DictConfig, split: str) -> int:
     """Walk one split once; print every problem by file and the per-category box counts. Exit status 1 on problems."""
-    dataset = make_dataset(cfg.datasets[split], default_root=cfg.datasets.root, strict=False)
-    if not isinstance(dataset, DetectionDataset):
-        raise ConfigError(f"datasets.{split}={cfg.datasets[split]!r}: {type(dataset).__name__} is not a detection dataset")
+    dataset = build_dataset(cfg, split, strict=False)
     report = check_detection_dataset(dataset, progress=True)
     print(format_detection_report(report))
     return 0 if report.ok else 1
