@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
 from ...data import DatasetError
 from ...data.detection_check import check_detection_dataset, format_detection_report
@@ -16,8 +15,8 @@ from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError, Precision
 from ...engine.export import DEFAULT_OPSET, check_output_path
 from ...engine.files import write_atomically
-from ...engine.predict import list_images, predict_images
-from ...engine.rundir import prepare_output_dir
+from ...engine.predict import list_images, predict_images, save_sample_images
+from ...engine.rundir import eval_dir, prepare_output_dir
 from ...engine.training import evaluation_loader
 from ...models.precision import weights_autocast
 from .config import DetectionConfig, config_from_layers
@@ -72,12 +71,6 @@ def resolve_head(cfg: DictConfig) -> tuple[dict, str]:
     return read_head_weights(head), str(head)
 
 
-def eval_dir(cfg: DictConfig) -> Path:
-    """Where `dinoseg eval` writes: `<output_dir>/eval/<head file stem>`, so that evaluating a run's checkpoints
-    never replaces the training run's own results."""
-    return Path(cfg.output_dir) / "eval" / Path(str(cfg.head)).stem
-
-
 def run_eval(cfg: DictConfig):
     """`datasets.val` through the detector with `head=`, COCO box AP by pycocotools (sharded over processes):
     `results-detection.csv` / `.json` and `detections.json` in `eval_dir`."""
@@ -91,7 +84,7 @@ def run_eval(cfg: DictConfig):
     check_image_sizes(model, {"transforms.eval.size": (cfg.transforms.eval.size, cfg.decoder_head.num_queries_one2one)})
     loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
                                max_samples=cfg.eval.max_val_samples, collate_fn=collate_fn)
-    out = eval_dir(cfg)
+    out = eval_dir(cfg.output_dir, cfg.head)
     if distributed.is_main_process():  # everything is checked: now the outputs
         prepare_output_dir(out)
     distributed.barrier()
@@ -215,10 +208,7 @@ def run_demo(cfg: DictConfig) -> dict:
     cfg.head = str(out / LAST)
     OmegaConf.update(cfg, "decoder_head.num_classes", results["num_classes"], merge=False)
     dataset = build_dataset(cfg, "val")
-    sample_dir = out / "demo_inputs"
-    sample_dir.mkdir(exist_ok=True)
-    for i in range(min(4, len(dataset))):
-        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
+    sample_dir = save_sample_images(dataset, out / "demo_inputs")
     run_predict(cfg, [str(sample_dir)], str(out / "predictions"))
     print(f"AP50 {metrics.stats['AP50']:.3f}, AP {metrics.stats['AP']:.3f} on {metrics.num_images} validation images; "
           f"run directory: {out}")
