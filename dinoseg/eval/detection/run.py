@@ -68,7 +68,7 @@ def resolve_head(cfg: DictConfig) -> tuple[dict, str]:
         raise ConfigError(f"head: a head checkpoint is required (head=PATH, or head={next(iter(HUB_DETECTORS))})")
     if head in HUB_DETECTORS:
         head = _use_released(cfg, head)
-    return read_head_weights(head), str(head)
+    return read_head_weights(head, task=NAME), str(head)
 
 
 def run_eval(cfg: DictConfig):
