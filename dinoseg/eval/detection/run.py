@@ -23,7 +23,13 @@ from .config import DetectionConfig, config_from_layers
 from .eval import METRICS_FILENAME, evaluate_detector, format_results, write_results
 from .export import FORMAT, deployment_metadata, export_onnx
 from .metrics import CocoEvaluator, to_coco_results
-from .models.released import COCO_CATEGORY_NAMES, N_WINDOWS_SQRT, DetectionWeights, head_location, released_head_config
+from .models.released import (
+    COCO_CATEGORY_NAMES,
+    HUB_DETECTORS,
+    DetectionWeights,
+    head_location,
+    released_head_config,
+)
 from .setup import (
     build_dataset,
     build_detector_with_head,
@@ -45,15 +51,10 @@ SCHEMA = DetectionConfig
 DEMO_CONFIG = "demo_detection.yaml"
 ONNX_FORMAT = FORMAT  # the metadata `format` of the files `dinoseg export` writes (`predict --onnx` picks the task by it)
 
-# Released detectors usable by name (`head=dinov3_vit7b16_de`): their backbone.
-HUB_DETECTORS = {"dinov3_vit7b16_de": "dinov3_vit7b16"}
-
-
 def _use_released(cfg: DictConfig, name: str) -> str:
     """Set the config's backbone and head to the released detector `name`; return its head file (hub cache)."""
     backbone = HUB_DETECTORS[name]
-    head = released_head_config()
-    head.n_windows_sqrt = N_WINDOWS_SQRT[backbone]
+    head = released_head_config(backbone_name=backbone)
     OmegaConf.update(cfg, "model.dino_hub", backbone, merge=False)
     for key, value in dataclasses.asdict(head).items():
         OmegaConf.update(cfg, f"decoder_head.{key}", value, merge=False)
