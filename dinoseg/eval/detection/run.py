@@ -146,11 +146,8 @@ def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=No
 
 
 def load_detector(cfg: DictConfig, device: torch.device):
-    """The configured detector with the trained head `cfg.head` (`resolve_head`), in eval mode; `cfg`'s
-    `decoder_head.num_classes` is set to the head's."""
+    """The configured detector with the trained head `cfg.head` (`resolve_head`), in eval mode."""
     weights, source = resolve_head(cfg)
-    OmegaConf.update(cfg, "decoder_head.num_classes", cfg.decoder_head.num_classes or head_num_classes(weights, source),
-                     merge=False)
     return build_detector_with_head(cfg, weights, source).to(device).eval()
 
 
@@ -207,7 +204,6 @@ def run_demo(cfg: DictConfig) -> dict:
     print(format_results(metrics))
     curves = reporting.plot_history(out, {"AP": (0, 1), "AP50": (0, 1)})
     cfg.head = str(out / LAST)
-    OmegaConf.update(cfg, "decoder_head.num_classes", results["num_classes"], merge=False)
     dataset = build_dataset(cfg, "val")
     sample_dir = save_sample_images(dataset, out / "demo_inputs")
     run_predict(cfg, [str(sample_dir)], str(out / "predictions"))
