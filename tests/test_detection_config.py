@@ -185,3 +185,15 @@ def test_the_inference_config_is_the_released_head():
     released = released_head_config()
     released.n_windows_sqrt = N_WINDOWS_SQRT["dinov3_vit7b16"]
     assert head_config(cfg) == released  # so head=<the released file> builds the released detector too
+
+
+def test_released_head_config_for_a_backbone():
+    from dinoseg.eval.detection.models.released import N_WINDOWS_SQRT, released_head_config
+
+    for name, windows in N_WINDOWS_SQRT.items():
+        expected = released_head_config()
+        expected.n_windows_sqrt = windows
+        assert released_head_config(backbone_name=name) == expected
+    assert released_head_config().n_windows_sqrt == 0  # the official call form: windows left to the caller
+    with pytest.raises(ValueError, match="no detector for backbone 'dinov3_vitb16'"):
+        released_head_config(backbone_name="dinov3_vitb16")

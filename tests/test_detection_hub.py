@@ -11,6 +11,7 @@ import torch
 
 from dinoseg.eval.detection.config import DetectionHeadConfig
 from dinoseg.eval.detection.models.detr import PlainDETRReParam
+from dinoseg.eval.detection.models.released import N_WINDOWS_SQRT
 from dinoseg.hub import detectors as hub_detectors
 from dinoseg.hub.detectors import DetectionWeights, DetectorWithProcessor, _make_dinov3_detector, dinov3_vit7b16_de
 from dinoseg.models import CheckpointError, make_backbone
@@ -127,7 +128,8 @@ ARCH = dict(embed_dim=64, depth=4, num_heads=4)  # a tiny ViT of the 7B's kind (
 def released_files(tmp_path, monkeypatch):
     """A small detector of the released layout and its two files: the backbone, and the head in the torch hub cache
     as the official file stores it (``{"model": head}``)."""
-    monkeypatch.setattr(hub_detectors, "released_head_config", lambda: DetectionHeadConfig(**vars(SMALL_HEAD)))
+    monkeypatch.setattr(hub_detectors, "released_head_config", lambda *, backbone_name: DetectionHeadConfig(
+        **{**vars(SMALL_HEAD), "n_windows_sqrt": N_WINDOWS_SQRT[backbone_name]}))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     torch.manual_seed(0)
     reference = dinov3_vit7b16_de(pretrained=False, backbone_options=ARCH)

@@ -226,6 +226,19 @@ def test_bad_detection_inputs_give_one_line_errors(det_run, coco, tmp_path, caps
     assert not (tmp_path / "e").exists()
 
 
+def test_a_head_of_another_task_is_named(det_run, tmp_path, capsys):
+    """As for segmentation and depth: a checkpoint of another task's run is refused naming its task, before any
+    backbone is built."""
+    seg_head = tmp_path / "seg.pth"
+    torch.save({"model": {"linear.weight": torch.zeros(3, 8)}, "config": "task: segmentation\ndecoder_head:\n  type: linear\n"},
+               seg_head)
+    config = str(det_run / "detection_config.yaml")
+    line = error_of(capsys, ["eval", config, f"head={seg_head}", f"output_dir={tmp_path / 'e'}"])
+    assert line == (f"dinoseg: error: {seg_head}: this is a segmentation head (decoder_head.type=linear), not a detection "
+                    "head: use it with a segmentation config (task=segmentation)")
+    assert not (tmp_path / "e").exists()
+
+
 def test_run_directory_and_resume_contract(det_run, coco, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     shutil.copytree(det_run, run)

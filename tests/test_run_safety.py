@@ -486,3 +486,22 @@ def test_cityscapes_label_ids_outside_the_table(tmp_path):
     report = check_dataset(make_dataset(f"Cityscapes:split=val:root={tmp_path}", strict=False))
     assert [p.path for p in report.problems] == [str(mask)]
     assert "out-of-range label values [34, 200]" in report.problems[0].fault
+
+
+def test_eval_dir_and_demo_sample_images(tmp_path):
+    from dinoseg.engine.predict import save_sample_images
+    from dinoseg.engine.rundir import eval_dir
+
+    assert eval_dir(tmp_path / "run", tmp_path / "run" / "checkpoint_best.pth") == tmp_path / "run" / "eval" / "checkpoint_best"
+
+    class Images:
+        def __len__(self):
+            return 2
+
+        def load_image(self, i):
+            return torch.full((3, 5, 7), 40 * i, dtype=torch.uint8)
+
+    out = save_sample_images(Images(), tmp_path / "demo_inputs")
+    assert sorted(p.name for p in out.iterdir()) == ["sample_0.png", "sample_1.png"]
+    assert np.asarray(Image.open(out / "sample_1.png")).shape == (5, 7, 3)
+    assert (np.asarray(Image.open(out / "sample_1.png")) == 40).all()

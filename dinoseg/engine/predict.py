@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..data.io import IMAGE_EXTENSIONS, DatasetError, load_image
 from . import reporting
@@ -79,3 +80,13 @@ def predict_images(images: list[tuple[Path, Path]], output: str | Path,
         raise DatasetError(f"{len(failed)} of {len(images)} images could not be read and were skipped: "
                            + "; ".join(failed))
     return written
+
+
+def save_sample_images(dataset, out: str | Path, count: int = 4) -> Path:
+    """The first `count` images of `dataset` (its `load_image`, uint8 [3, H, W]) as `out/sample_<i>.png`, inputs for
+    a demo's predictions; returns `out`."""
+    out = Path(out)
+    out.mkdir(exist_ok=True)
+    for i in range(min(count, len(dataset))):
+        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(out / f"sample_{i}.png")
+    return out

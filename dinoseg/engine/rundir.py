@@ -195,6 +195,12 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def eval_dir(output_dir: str | Path, head: str | Path) -> Path:
+    """Where `dinoseg eval` writes: `<output_dir>/eval/<head file stem>`, so that evaluating a run's checkpoints
+    never replaces the training run's own results."""
+    return Path(output_dir) / "eval" / Path(str(head)).stem
+
+
 def prepare_output_dir(path: str | Path) -> Path:
     """An output folder for results or predictions (not a training run), created when missing."""
     out = Path(path)

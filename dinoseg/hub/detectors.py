@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..eval.detection.models.detr import PostProcess, build_model, load_detector_head
-from ..eval.detection.models.released import N_WINDOWS_SQRT, DetectionWeights, head_location, released_head_config
+from ..eval.detection.models.released import DetectionWeights, head_location, released_head_config
 from ..models.backbones import Weights, make_backbone
 from ..models.checkpoint import CheckpointError, load_state_dict_file, resolve_weights_path
 from ..models.finetune import adapt_for_head_file
@@ -49,10 +49,7 @@ def _make_dinov3_detector(
 ) -> DetectorWithProcessor:
     """The official hub's detector on `backbone_name` (``dinov3_vit7b16``: 3 x 3 windows; ``dinov3_vitl16plus``:
     2 x 2, no released head: pass ``detector_weights=<path>``), in eval mode."""
-    if backbone_name not in N_WINDOWS_SQRT:
-        raise ValueError(f"no detector for backbone {backbone_name!r}; expected one of {sorted(N_WINDOWS_SQRT)}")
-    config = released_head_config()
-    config.n_windows_sqrt = N_WINDOWS_SQRT[backbone_name]
+    config = released_head_config(backbone_name=backbone_name)  # ValueError for a backbone without a detector
     options = dict(backbone_options or {})
     if not pretrained:
         backbone = make_backbone(backbone_name, pretrained=False, device=device, **options)

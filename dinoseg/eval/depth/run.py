@@ -18,8 +18,8 @@ from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError
 from ...engine.export import DEFAULT_OPSET, check_output_path
-from ...engine.predict import list_images, predict_images
-from ...engine.rundir import prepare_output_dir
+from ...engine.predict import list_images, predict_images, save_sample_images
+from ...engine.rundir import eval_dir, prepare_output_dir
 from .config import DepthConfig, config_from_layers
 from .eval import RESULTS_FILENAME, evaluate_depth_model, format_results, write_results
 from .export import FORMAT, deployment_metadata, export_onnx
@@ -60,12 +60,6 @@ def load_depther(cfg: DictConfig, device: torch.device) -> nn.Module:
     return build_model_with_head(cfg, weights, source=str(head)).to(device).eval()
 
 
-def eval_dir(cfg: DictConfig) -> Path:
-    """Where `dinoseg eval` writes: `<output_dir>/eval/<head file stem>`, so that evaluating a run's checkpoints
-    never replaces the training run's own results."""
-    return Path(cfg.output_dir) / "eval" / Path(str(cfg.head)).stem
-
-
 def run_eval(cfg: DictConfig) -> dict:
     """`datasets.test` (else `datasets.val`) with flip TTA per `eval.use_tta`: per-image metrics then their mean,
     `results-depth.csv` / `.json` (and visualisations with `result_config.save_results`) in `eval_dir`."""
@@ -73,7 +67,7 @@ def run_eval(cfg: DictConfig) -> dict:
     dataset = build_test_dataset(cfg)
     model = load_depther(cfg, device)
     loader = evaluation_loader_of(dataset, cfg)
-    out = eval_dir(cfg)
+    out = eval_dir(cfg.output_dir, cfg.head)
     saving = result_config(cfg)
     if distributed.is_main_process():  # everything is checked: now the outputs
         prepare_output_dir(out / "visualizations" if saving.save_results else out)
@@ -194,10 +188,7 @@ def run_demo(cfg: DictConfig) -> dict:
     baseline = evaluate_depth_model(ConstantDepth(mean), evaluation_loader_of(dataset, cfg),
                                     evaluation_settings(cfg, use_tta=False), device)
     cfg.head = str(out / LAST)
-    sample_dir = out / "demo_inputs"
-    sample_dir.mkdir(exist_ok=True)
-    for i in range(min(4, len(dataset))):
-        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
+    sample_dir = save_sample_images(dataset, out / "demo_inputs")
     run_predict(cfg, [str(sample_dir)], str(out / "predictions"), model=load_depther(cfg, device))
     curves = reporting.plot_history(out, {m: (0, 1) if m in ("a1", "a2", "a3") else None for m in cfg.metrics})
     print(f"trained head:            {format_results(results, cfg.metrics)}")

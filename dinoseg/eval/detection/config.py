@@ -21,6 +21,7 @@ from ...engine import config as engine_config
 from ...engine.config import (
     FRACTION,
     NON_NEGATIVE,
+    OPEN_FRACTION,
     POSITIVE,
     ConfigError,
     FinetuneMode,
@@ -298,7 +299,7 @@ def validate_config(cfg: DictConfig) -> None:
         "decoder_head.topk": POSITIVE, "decoder_head.num_feature_levels": POSITIVE,
         "decoder_head.dec_layers": POSITIVE, "decoder_head.dim_feedforward": POSITIVE,
         "decoder_head.hidden_dim": POSITIVE, "decoder_head.nheads": POSITIVE,
-        "decoder_head.dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        "decoder_head.dropout": OPEN_FRACTION,
         "decoder_head.encoder_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1) (or null: decoder_head.dropout)"),
         "decoder_head.norm_type": (lambda v: v in ("pre_norm", "post_norm"), "expected pre_norm or post_norm"),
         "decoder_head.proposal_feature_levels": POSITIVE, "decoder_head.proposal_min_size": NON_NEGATIVE,
@@ -334,10 +335,9 @@ def validate_config(cfg: DictConfig) -> None:
              "matching would be arbitrary")
     if head.cls_loss_coef == 0 and head.bbox_loss_coef == 0 and head.giou_loss_coef == 0:
         fail("decoder_head.cls_loss_coef", 0.0, "cls_loss_coef, bbox_loss_coef and giou_loss_coef are all 0: no loss to train")
-    for key in ("max_size",):
-        t = cfg.transforms.train
-        if t[key] is not None and t[key] < min(t.scales):
-            fail(f"transforms.train.{key}", t[key], f"must be >= the smallest of transforms.train.scales={list(t.scales)}")
+    t = cfg.transforms.train
+    if t.max_size is not None and t.max_size < min(t.scales):
+        fail("transforms.train.max_size", t.max_size, f"must be >= the smallest of transforms.train.scales={list(t.scales)}")
     e = cfg.transforms.eval
     if e.max_size is not None and e.max_size < e.size:
         fail("transforms.eval.max_size", e.max_size, f"must be >= transforms.eval.size={e.size}")

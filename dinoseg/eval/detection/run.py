@@ -7,25 +7,31 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from ...data import DatasetError, DetectionDataset, make_dataset
+from ...data import DatasetError
 from ...data.detection_check import check_detection_dataset, format_detection_report
 from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError, Precision
 from ...engine.export import DEFAULT_OPSET, check_output_path
 from ...engine.files import write_atomically
-from ...engine.predict import list_images, predict_images
-from ...engine.rundir import prepare_output_dir
+from ...engine.predict import list_images, predict_images, save_sample_images
+from ...engine.rundir import eval_dir, prepare_output_dir
 from ...engine.training import evaluation_loader
 from ...models.precision import weights_autocast
 from .config import DetectionConfig, config_from_layers
 from .eval import METRICS_FILENAME, evaluate_detector, format_results, write_results
 from .export import FORMAT, deployment_metadata, export_onnx
 from .metrics import CocoEvaluator, to_coco_results
-from .models.released import COCO_CATEGORY_NAMES, N_WINDOWS_SQRT, DetectionWeights, head_location, released_head_config
+from .models.released import (
+    COCO_CATEGORY_NAMES,
+    HUB_DETECTORS,
+    DetectionWeights,
+    head_location,
+    released_head_config,
+)
 from .setup import (
+    build_dataset,
     build_detector_with_head,
     build_eval_transforms,
     build_postprocess,
@@ -45,15 +51,10 @@ SCHEMA = DetectionConfig
 DEMO_CONFIG = "demo_detection.yaml"
 ONNX_FORMAT = FORMAT  # the metadata `format` of the files `dinoseg export` writes (`predict --onnx` picks the task by it)
 
-# Released detectors usable by name (`head=dinov3_vit7b16_de`): their backbone.
-HUB_DETECTORS = {"dinov3_vit7b16_de": "dinov3_vit7b16"}
-
-
 def _use_released(cfg: DictConfig, name: str) -> str:
     """Set the config's backbone and head to the released detector `name`; return its head file (hub cache)."""
     backbone = HUB_DETECTORS[name]
-    head = released_head_config()
-    head.n_windows_sqrt = N_WINDOWS_SQRT[backbone]
+    head = released_head_config(backbone_name=backbone)
     OmegaConf.update(cfg, "model.dino_hub", backbone, merge=False)
     for key, value in dataclasses.asdict(head).items():
         OmegaConf.update(cfg, f"decoder_head.{key}", value, merge=False)
@@ -68,13 +69,7 @@ def resolve_head(cfg: DictConfig) -> tuple[dict, str]:
         raise ConfigError(f"head: a head checkpoint is required (head=PATH, or head={next(iter(HUB_DETECTORS))})")
     if head in HUB_DETECTORS:
         head = _use_released(cfg, head)
-    return read_head_weights(head), str(head)
-
-
-def eval_dir(cfg: DictConfig) -> Path:
-    """Where `dinoseg eval` writes: `<output_dir>/eval/<head file stem>`, so that evaluating a run's checkpoints
-    never replaces the training run's own results."""
-    return Path(cfg.output_dir) / "eval" / Path(str(cfg.head)).stem
+    return read_head_weights(head, task=NAME), str(head)
 
 
 def run_eval(cfg: DictConfig):
@@ -90,7 +85,7 @@ def run_eval(cfg: DictConfig):
     check_image_sizes(model, {"transforms.eval.size": (cfg.transforms.eval.size, cfg.decoder_head.num_queries_one2one)})
     loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
                                max_samples=cfg.eval.max_val_samples, collate_fn=collate_fn)
-    out = eval_dir(cfg)
+    out = eval_dir(cfg.output_dir, cfg.head)
     if distributed.is_main_process():  # everything is checked: now the outputs
         prepare_output_dir(out)
     distributed.barrier()
@@ -102,13 +97,6 @@ def run_eval(cfg: DictConfig):
         print(format_results(metrics))
         print(f"results: {out / METRICS_FILENAME}")
     return metrics
-
-
-def build_dataset_quietly(cfg: DictConfig) -> DetectionDataset:
-    dataset = make_dataset(cfg.datasets.val, default_root=cfg.datasets.root)
-    if not isinstance(dataset, DetectionDataset):
-        raise ConfigError(f"datasets.val={cfg.datasets.val!r} is not a detection dataset")
-    return dataset
 
 
 @torch.no_grad()
@@ -158,11 +146,8 @@ def run_predict(cfg: DictConfig | None, inputs: list[str], output: str, model=No
 
 
 def load_detector(cfg: DictConfig, device: torch.device):
-    """The configured detector with the trained head `cfg.head` (`resolve_head`), in eval mode; `cfg`'s
-    `decoder_head.num_classes` is set to the head's."""
+    """The configured detector with the trained head `cfg.head` (`resolve_head`), in eval mode."""
     weights, source = resolve_head(cfg)
-    OmegaConf.update(cfg, "decoder_head.num_classes", cfg.decoder_head.num_classes or head_num_classes(weights, source),
-                     merge=False)
     return build_detector_with_head(cfg, weights, source).to(device).eval()
 
 
@@ -171,7 +156,7 @@ def categories(cfg: DictConfig, num_classes: int) -> tuple[dict | None, dict[int
     is on this machine; otherwise labels are taken as category ids, named by COCO's names for a 91-class head and
     by their number for any other."""
     try:
-        dataset = build_dataset_quietly(cfg)
+        dataset = build_dataset(cfg, "val")
     except (DatasetError, FileNotFoundError, ConfigError):
         dataset = None
     if dataset is not None and dataset.num_classes == num_classes:
@@ -219,12 +204,8 @@ def run_demo(cfg: DictConfig) -> dict:
     print(format_results(metrics))
     curves = reporting.plot_history(out, {"AP": (0, 1), "AP50": (0, 1)})
     cfg.head = str(out / LAST)
-    OmegaConf.update(cfg, "decoder_head.num_classes", results["num_classes"], merge=False)
-    dataset = build_dataset_quietly(cfg)
-    sample_dir = out / "demo_inputs"
-    sample_dir.mkdir(exist_ok=True)
-    for i in range(min(4, len(dataset))):
-        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
+    dataset = build_dataset(cfg, "val")
+    sample_dir = save_sample_images(dataset, out / "demo_inputs")
     run_predict(cfg, [str(sample_dir)], str(out / "predictions"))
     print(f"AP50 {metrics.stats['AP50']:.3f}, AP {metrics.stats['AP']:.3f} on {metrics.num_images} validation images; "
           f"run directory: {out}")
@@ -234,9 +215,7 @@ def run_demo(cfg: DictConfig) -> dict:
 
 def run_check_data(cfg: DictConfig, split: str) -> int:
     """Walk one split once; print every problem by file and the per-category box counts. Exit status 1 on problems."""
-    dataset = make_dataset(cfg.datasets[split], default_root=cfg.datasets.root, strict=False)
-    if not isinstance(dataset, DetectionDataset):
-        raise ConfigError(f"datasets.{split}={cfg.datasets[split]!r}: {type(dataset).__name__} is not a detection dataset")
+    dataset = build_dataset(cfg, split, strict=False)
     report = check_detection_dataset(dataset, progress=True)
     print(format_detection_report(report))
     return 0 if report.ok else 1

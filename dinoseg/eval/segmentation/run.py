@@ -15,8 +15,8 @@ from ...engine import distributed, reporting
 from ...engine.checkpoint import LAST, read_head_weights
 from ...engine.config import ConfigError
 from ...engine.export import check_output_path
-from ...engine.predict import list_images, predict_images
-from ...engine.rundir import prepare_output_dir
+from ...engine.predict import list_images, predict_images, save_sample_images
+from ...engine.rundir import eval_dir, prepare_output_dir
 from ...engine.training import evaluation_loader
 from ...models.checkpoint import CheckpointError
 from .config import SegmentationConfig, config_from_layers
@@ -70,19 +70,13 @@ def load_segmentor(cfg: DictConfig, device: torch.device):
     return model.to(device).eval(), num_classes
 
 
-def eval_dir(cfg: DictConfig) -> Path:
-    """Where `dinoseg eval` writes: `<output_dir>/eval/<head file stem>`, so that evaluating a run's checkpoints
-    never replaces the training run's own results."""
-    return Path(cfg.output_dir) / "eval" / Path(str(cfg.head)).stem
-
-
 def run_eval(cfg: DictConfig) -> dict:
     device = distributed.setup(cfg.device)
     dataset = build_val_dataset(cfg)
     model, num_classes = load_segmentor(cfg, device)
     loader = evaluation_loader(dataset, num_workers=min(cfg.train.num_workers, 2), seed=cfg.seed,
                                max_samples=cfg.eval.max_val_samples)
-    out = eval_dir(cfg)
+    out = eval_dir(cfg.output_dir, cfg.head)
     save_dir = out / "predictions" if cfg.eval.save_predictions else None
     if distributed.is_main_process():  # everything is checked: now the outputs
         prepare_output_dir(save_dir or out)
@@ -175,10 +169,7 @@ def run_demo(cfg: DictConfig) -> dict:
     cfg.head = str(out / LAST)
     model, num_classes = load_segmentor(cfg, distributed.resolve_device(cfg.device))
     dataset = build_val_dataset(cfg)
-    sample_dir = out / "demo_inputs"
-    sample_dir.mkdir(exist_ok=True)
-    for i in range(min(4, len(dataset))):
-        Image.fromarray(dataset.load_image(i).permute(1, 2, 0).numpy()).save(sample_dir / f"sample_{i}.png")
+    sample_dir = save_sample_images(dataset, out / "demo_inputs")
     run_predict(cfg, [str(sample_dir)], str(out / "predictions"), model=model, num_classes=num_classes)
     curves = reporting.plot_history(out, {"mIoU": (0, 1)})
     print(f"mIoU {results['mIoU']:.4f} (chance level about {1 / num_classes:.3f}); run directory: {out}")

@@ -18,11 +18,17 @@ DETR_HEAD_HASHES = {"dinov3_vit7b16": "b0235ff7"}
 N_WINDOWS_SQRT = {"dinov3_vit7b16": 3, "dinov3_vitl16plus": 2}
 
 
-def released_head_config() -> DetectionHeadConfig:
+# Released detectors usable by name (`head=dinov3_vit7b16_de`): their backbone.
+HUB_DETECTORS = {"dinov3_vit7b16_de": "dinov3_vit7b16"}
+
+
+def released_head_config(*, backbone_name: str | None = None) -> DetectionHeadConfig:
     """The COCO detector head of the official hub: 91 classes, 1500 + 1500 queries, hidden 768, 6 + 6 layers,
-    box reparameterisation; backbone-dependent fields (`layers_to_use`, windows, strides) left to `build_model`
-    (`n_windows_sqrt` per `N_WINDOWS_SQRT`)."""
-    return DetectionHeadConfig(
+    box reparameterisation; backbone-dependent fields (`layers_to_use`, windows, strides) left to `build_model`.
+    `backbone_name` (dinoseg's keyword): also its windows on that backbone (`n_windows_sqrt` per `N_WINDOWS_SQRT`)."""
+    if backbone_name is not None and backbone_name not in N_WINDOWS_SQRT:
+        raise ValueError(f"no detector for backbone {backbone_name!r}; expected one of {sorted(N_WINDOWS_SQRT)}")
+    config = DetectionHeadConfig(
         with_box_refine=True,
         two_stage=True,
         mixed_selection=True,
@@ -55,6 +61,9 @@ def released_head_config() -> DetectionHeadConfig:
         hidden_dim=768,
         nheads=8,
     )
+    if backbone_name is not None:
+        config.n_windows_sqrt = N_WINDOWS_SQRT[backbone_name]
+    return config
 
 
 def official_detr_head_filename(backbone_name: str, weights: DetectionWeights = DetectionWeights.COCO2017,
